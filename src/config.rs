@@ -1,0 +1,268 @@
+//! Configuration of `brain-ops serve`: every setting has a flag and a `BRAIN_*` variable.
+//! Raw values are read by clap as text and validated here, so every error names the setting.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::ledger::clock::{Clock, SystemClock};
+use crate::ledger::store::{Faults, SledOptions};
+
+/// The raw settings of `brain-ops serve`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address of the gRPC port.
+    #[arg(long, env = "BRAIN_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: String,
+    /// Address of the HTTP port for metrics and probes.
+    #[arg(long, env = "BRAIN_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: String,
+    /// Optional plaintext gRPC health port, for TLS set-ups.
+    #[arg(long, env = "BRAIN_HEALTH_ADDR")]
+    pub health_addr: Option<String>,
+    /// Directory of the ledger.
+    #[arg(long, env = "BRAIN_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// true|1|yes|on enables safe mode at start; false|0|no|off|"" leaves it as persisted.
+    #[arg(long, env = "BRAIN_SAFE_MODE")]
+    pub safe_mode: Option<String>,
+    /// TOML principals file; without it only loopback addresses are served.
+    #[arg(long, env = "BRAIN_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// Ed25519 signing key (PKCS#8 PEM) for evidence packs and checkpoints.
+    #[arg(long, env = "BRAIN_SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<PathBuf>,
+    /// Governance configuration (TOML).
+    #[arg(long, env = "BRAIN_GOVERNANCE_CONFIG")]
+    pub governance_config: Option<PathBuf>,
+    /// TLS certificate chain (PEM).
+    #[arg(long, env = "BRAIN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "BRAIN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) that client certificates must chain to (mutual TLS).
+    #[arg(long, env = "BRAIN_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Log format: human or json.
+    #[arg(long, env = "BRAIN_LOG_FORMAT", default_value = "human")]
+    pub log_format: String,
+    /// Serve a non-loopback address without authentication.
+    #[arg(long, env = "BRAIN_INSECURE_ALLOW_UNAUTHENTICATED")]
+    pub insecure_allow_unauthenticated: bool,
+    /// Seconds that in-flight calls get to finish at shutdown.
+    #[arg(long, env = "BRAIN_DRAIN_TIMEOUT_SECONDS", default_value = "10")]
+    pub drain_timeout_seconds: String,
+    /// sled's page cache in MiB.
+    #[arg(long, env = "BRAIN_CACHE_MB", default_value = "64")]
+    pub cache_mb: String,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// A setting that cannot be used; `brain-ops serve` exits 64 with this message.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {setting}: {message}")]
+pub struct ConfigError {
+    /// The flag and variable, e.g. `--grpc-addr / BRAIN_GRPC_ADDR`.
+    pub setting: &'static str,
+    pub message: String,
+}
+
+fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting,
+        message: message.into(),
+    }
+}
+
+/// Validated configuration of the service.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `BRAIN_SAFE_MODE` asked for safe mode at start.
+    pub safe_mode_at_start: bool,
+    pub log_format: LogFormat,
+    pub drain_timeout: Duration,
+    pub sled: SledOptions,
+    /// Test seam: faults injected into storage.
+    pub faults: Arc<Faults>,
+    /// Test seam: the writer's clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Config {
+    /// Defaults for tests and embedding: ports 0 on loopback, the given data directory.
+    pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.into(),
+            safe_mode_at_start: false,
+            log_format: LogFormat::Human,
+            drain_timeout: Duration::from_secs(10),
+            sled: SledOptions::default(),
+            faults: Arc::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl TryFrom<ServeArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: ServeArgs) -> Result<Config, ConfigError> {
+        let grpc_addr = parse_addr("--grpc-addr / BRAIN_GRPC_ADDR", &args.grpc_addr)?;
+        let metrics_addr = parse_addr("--metrics-addr / BRAIN_METRICS_ADDR", &args.metrics_addr)?;
+        let safe_mode_at_start = parse_safe_mode(args.safe_mode.as_deref())?;
+        let log_format = match args.log_format.trim().to_ascii_lowercase().as_str() {
+            "human" | "" => LogFormat::Human,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "--log-format / BRAIN_LOG_FORMAT",
+                    format!("{other:?} is not one of human, json"),
+                ));
+            }
+        };
+        let drain_timeout = args
+            .drain_timeout_seconds
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|s| (1..=3600).contains(s))
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                invalid(
+                    "--drain-timeout-seconds / BRAIN_DRAIN_TIMEOUT_SECONDS",
+                    format!(
+                        "{:?} is not a whole number from 1 to 3600",
+                        args.drain_timeout_seconds
+                    ),
+                )
+            })?;
+        let cache_mb = args
+            .cache_mb
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|m| (8..=65536).contains(m))
+            .ok_or_else(|| {
+                invalid(
+                    "--cache-mb / BRAIN_CACHE_MB",
+                    format!("{:?} is not a whole number from 8 to 65536", args.cache_mb),
+                )
+            })?;
+        if args.data_dir.as_os_str().is_empty() {
+            return Err(invalid("--data-dir / BRAIN_DATA_DIR", "must not be empty"));
+        }
+        // Settings of capabilities this build does not have yet are refused rather than ignored:
+        // an operator who configures TLS or authentication must not get a service without it.
+        let unsupported = [
+            (
+                "--health-addr / BRAIN_HEALTH_ADDR",
+                args.health_addr.is_some(),
+            ),
+            ("--auth-file / BRAIN_AUTH_FILE", args.auth_file.is_some()),
+            (
+                "--signing-key-file / BRAIN_SIGNING_KEY_FILE",
+                args.signing_key_file.is_some(),
+            ),
+            (
+                "--governance-config / BRAIN_GOVERNANCE_CONFIG",
+                args.governance_config.is_some(),
+            ),
+            ("--tls-cert / BRAIN_TLS_CERT", args.tls_cert.is_some()),
+            ("--tls-key / BRAIN_TLS_KEY", args.tls_key.is_some()),
+            (
+                "--tls-client-ca / BRAIN_TLS_CLIENT_CA",
+                args.tls_client_ca.is_some(),
+            ),
+        ];
+        if let Some((setting, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                setting,
+                "is not supported by this version of brain-ops yet",
+            ));
+        }
+        // Without a principals file every caller is anonymous with every role, which is only
+        // acceptable where nobody else can connect.
+        for (setting, addr) in [
+            ("--grpc-addr / BRAIN_GRPC_ADDR", grpc_addr),
+            ("--metrics-addr / BRAIN_METRICS_ADDR", metrics_addr),
+        ] {
+            if !addr.ip().is_loopback() && !args.insecure_allow_unauthenticated {
+                return Err(invalid(
+                    setting,
+                    format!(
+                        "{addr} is not a loopback address and no principals file is configured; \
+                         set BRAIN_AUTH_FILE, or pass --insecure-allow-unauthenticated"
+                    ),
+                ));
+            }
+        }
+        Ok(Config {
+            grpc_addr,
+            metrics_addr,
+            data_dir: args.data_dir,
+            safe_mode_at_start,
+            log_format,
+            drain_timeout,
+            sled: SledOptions {
+                cache_capacity: cache_mb * 1024 * 1024,
+            },
+            faults: Arc::default(),
+            clock: Arc::new(SystemClock),
+        })
+    }
+}
+
+fn parse_addr(setting: &'static str, raw: &str) -> Result<SocketAddr, ConfigError> {
+    raw.trim().parse().map_err(|_| {
+        invalid(
+            setting,
+            format!("{raw:?} is not an IP address and port like 127.0.0.1:50051"),
+        )
+    })
+}
+
+/// `true|1|yes|on` → true; `false|0|no|off|""` → false (any case, trimmed); else an error.
+pub fn parse_safe_mode(raw: Option<&str>) -> Result<bool, ConfigError> {
+    let Some(raw) = raw else { return Ok(false) };
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(invalid(
+            "--safe-mode / BRAIN_SAFE_MODE",
+            format!("{raw:?} is not one of true, 1, yes, on, false, 0, no, off"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_safe_mode;
+
+    #[test]
+    fn safe_mode_values_are_read_loosely_but_never_guessed() {
+        for on in ["true", " TRUE ", "1", "yes", "On"] {
+            assert!(parse_safe_mode(Some(on)).expect("valid"), "{on}");
+        }
+        for off in ["false", "0", "NO", "off", "", "  "] {
+            assert!(!parse_safe_mode(Some(off)).expect("valid"), "{off}");
+        }
+        assert!(!parse_safe_mode(None).expect("absent is valid"));
+        for bad in ["enable", "2", "y", "truee"] {
+            let err = parse_safe_mode(Some(bad)).expect_err("invalid");
+            assert!(err.to_string().contains("BRAIN_SAFE_MODE"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! Thin gRPC adapters: decode, call a domain handle, map the error. Conversions between prost
+//! types and domain types live in [`convert`]; the error table is here.
+
+pub mod audit;
+pub mod convert;
+pub mod safe_mode;
+
+use tonic::Status;
+
+use crate::audit::AuditError;
+
+/// The principal every caller is while authentication is off.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// The authenticated principal of a request.
+pub fn principal<T>(_request: &tonic::Request<T>) -> String {
+    ANONYMOUS.to_owned()
+}
+
+/// The one table that maps domain errors to gRPC statuses. Clients get a clear message and the
+/// right code; causes that only operators can act on go to the log.
+impl From<AuditError> for Status {
+    fn from(error: AuditError) -> Status {
+        match &error {
+            AuditError::Invalid { .. } => Status::invalid_argument(error.to_string()),
+            AuditError::Reserved { .. } => Status::permission_denied(error.to_string()),
+            AuditError::Unavailable(_) => {
+                tracing::warn!(%error, "append refused");
+                Status::unavailable(error.to_string())
+            }
+            AuditError::Storage(_) => {
+                tracing::error!(%error, "ledger read failed");
+                Status::unavailable("the ledger could not be read; see the brain-ops log")
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The audit ledger: an append-only, SHA-256 hash-chained log of governance events.
+//!
+//! One writer task owns the head ([`writer`]); everything else holds a cheap [`Ledger`] handle
+//! that sends it drafts and reads the published [`State`]. Stored records are read straight from
+//! [`store::Storage`] for listing and verification.
+
+pub mod clock;
+pub mod record;
+pub mod store;
+pub mod verify;
+mod writer;
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use self::clock::Clock;
+use self::record::{Draft, TooLarge};
+use self::store::{Faults, SledOptions, SledStore, Storage};
+use self::verify::{ChainVerifier, Verification};
+use crate::state::{Head, State};
+
+/// How the ledger is opened.
+#[derive(Clone, Debug)]
+pub struct LedgerOptions {
+    pub dir: PathBuf,
+    pub sled: SledOptions,
+    /// Faults to inject into storage (tests only; empty otherwise).
+    pub faults: Arc<Faults>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Where one appended event landed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: u64,
+    pub hash: String,
+}
+
+/// Why an append was not acknowledged. Nothing from a failed append is ever acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    #[error("record {index}: {source}")]
+    TooLarge { index: usize, source: TooLarge },
+    #[error("the ledger cannot append right now: {0}")]
+    Unavailable(String),
+    #[error("the ledger is shut down")]
+    Closed,
+}
+
+/// Storage health as the writer sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StorageHealth {
+    /// `None` while storage appends; else why it cannot.
+    pub fault: Option<String>,
+}
+
+/// What opening the ledger found.
+#[derive(Debug)]
+pub struct StartReport {
+    /// `Some` when the store could not be opened at all; the ledger then serves from empty
+    /// in-memory state and refuses appends.
+    pub storage_error: Option<String>,
+    /// The verification of every stored record.
+    pub verification: Verification,
+}
+
+/// A handle on the ledger. Cloning is cheap.
+#[derive(Clone, Debug)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    commands: mpsc::Sender<writer::Command>,
+    state: watch::Receiver<Arc<State>>,
+    health: watch::Receiver<StorageHealth>,
+    store: Option<Arc<dyn Storage>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for dyn Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Storage")
+    }
+}
+
+impl Ledger {
+    /// Opens the store, verifies every record, rebuilds the state and starts the writer.
+    /// Blocking: call it from a blocking context. Never fails: a store that cannot be opened
+    /// yields a ledger that refuses appends, as the report says.
+    pub fn open(options: LedgerOptions) -> (Ledger, StartReport) {
+        let opened = SledStore::open(&options.dir, options.sled.clone(), options.faults.clone());
+        let (store, storage_error) = match opened {
+            Ok(store) => (Some(Arc::new(store) as Arc<dyn Storage>), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let (state, verification, storage_error) = match &store {
+            Some(store) => match rebuild(store.as_ref()) {
+                Ok((state, verification)) => (state, verification, storage_error),
+                Err(e) => (
+                    State::default(),
+                    Verification::default(),
+                    Some(e.to_string()),
+                ),
+            },
+            None => (State::default(), Verification::default(), storage_error),
+        };
+        let writable = if storage_error.is_some() {
+            None
+        } else {
+            store.clone()
+        };
+        let (commands, state, health, thread) =
+            writer::spawn(writable, state, options.clock, storage_error.clone());
+        let ledger = Ledger {
+            inner: Arc::new(Inner {
+                commands,
+                state,
+                health,
+                store,
+                thread: Mutex::new(Some(thread)),
+            }),
+        };
+        (
+            ledger,
+            StartReport {
+                storage_error,
+                verification,
+            },
+        )
+    }
+
+    /// Appends drafts as one atomic unit and answers once they are durable.
+    pub async fn append(&self, drafts: Vec<Draft>) -> Result<Vec<Appended>, AppendError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .commands
+            .send(writer::Command::Append { drafts, reply })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        answer.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// The state as of the last durable batch.
+    pub fn state(&self) -> Arc<State> {
+        self.inner.state.borrow().clone()
+    }
+
+    /// A receiver that sees every published state.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
+        self.inner.state.clone()
+    }
+
+    /// Storage health as of now.
+    pub fn health(&self) -> StorageHealth {
+        self.inner.health.borrow().clone()
+    }
+
+    /// False once the writer thread has ended (after shutdown, or if it died).
+    pub fn writer_alive(&self) -> bool {
+        let thread = self.inner.thread.lock().unwrap_or_else(|e| e.into_inner());
+        thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// The store, for reading stored records; `None` when it could not be opened.
+    pub fn store(&self) -> Option<Arc<dyn Storage>> {
+        self.inner.store.clone()
+    }
+
+    /// Lets every queued append finish, then stops the writer. Later appends fail with
+    /// [`AppendError::Closed`].
+    pub async fn shutdown(&self) {
+        let (done, finished) = oneshot::channel();
+        if self
+            .inner
+            .commands
+            .send(writer::Command::Shutdown { done })
+            .await
+            .is_ok()
+        {
+            let _ = finished.await;
+        }
+        let thread = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Verifies every stored record and folds the intact ones into a fresh state.
+fn rebuild(store: &dyn Storage) -> Result<(State, Verification), store::StorageError> {
+    let mut state = State::default();
+    let mut verifier = ChainVerifier::new(1, Some(state.head.hash.clone()));
+    let mut last_seq = 0;
+    store.scan(1, u64::MAX, &mut |seq, bytes| {
+        if let Some(record) = verifier.check(seq, bytes) {
+            state.apply(&record);
+        }
+        last_seq = seq;
+        ControlFlow::Continue(())
+    })?;
+    let verification = verifier.finish(last_seq);
+    if last_seq > state.head.seq {
+        // The newest record does not decode: later records chain to the digest of its bytes.
+        state.head = Head {
+            seq: last_seq,
+            hash: verification.last_hash.clone().unwrap_or_default(),
+            time_micros: state.head.time_micros,
+        };
+    }
+    Ok((state, verification))
+}

@@ -1,0 +1,17 @@
+//! brain-ops: the operational-resilience control plane of BRAiN.
+//!
+//! See `docs/ARCHITECTURE.md` for the map of this crate.
+
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod drain;
+pub mod grpc;
+pub mod http;
+pub mod ledger;
+pub mod pb;
+pub mod safe_mode;
+pub mod server;
+pub mod startup;
+pub mod state;
+pub mod telemetry;

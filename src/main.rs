@@ -1,0 +1,89 @@
+//! Parses the command line, sets up logging, runs the service or a client command, and maps the
+//! outcome to an exit code (64 for configuration that cannot be used).
+
+use std::process::ExitCode;
+
+use brain_ops::cli::{self, Cli, Command, exit};
+use brain_ops::config::Config;
+use brain_ops::startup::App;
+use brain_ops::telemetry;
+use clap::Parser;
+use clap::error::ErrorKind;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            let serving = std::env::args().nth(1).as_deref() == Some("serve");
+            return ExitCode::from(match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => exit::OK,
+                _ if serving => exit::CONFIG,
+                _ => exit::USAGE,
+            });
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    ExitCode::from(match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(*args)),
+        client => runtime.block_on(cli::run_client(client)),
+    })
+}
+
+async fn serve(args: brain_ops::config::ServeArgs) -> u8 {
+    let config = match Config::try_from(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::CONFIG;
+        }
+    };
+    telemetry::init(config.log_format);
+    let app = match App::build(config).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %e, "brain-ops cannot start");
+            eprintln!("error: {e}");
+            return if e.is_config() {
+                exit::CONFIG
+            } else {
+                exit::SOFTWARE
+            };
+        }
+    };
+    match app.run_until_stopped(shutdown_signal()).await {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            tracing::error!(error = %e, "brain-ops failed");
+            exit::SOFTWARE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

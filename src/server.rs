@@ -1,0 +1,106 @@
+//! The gRPC server, assembled in one place: the services with their descriptors, health,
+//! reflection, and the layer stack.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::audit::AuditLog;
+use crate::drain::{Drain, DrainLayer};
+use crate::grpc::audit::AuditApi;
+use crate::grpc::safe_mode::SafeModeApi;
+use crate::ledger::Ledger;
+use crate::pb;
+
+/// Largest request message: a `RecordBatch` of up to 4 MiB.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// HTTP/2 keepalive, so that dead `Watch` peers are noticed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Names the health service reports, besides the whole server ("").
+pub const SERVICE_NAMES: [&str; 5] = [
+    "brain.ops.v1.SafeModeService",
+    "brain.ops.v1.AuditService",
+    "brain.ops.v1.EvidenceService",
+    "brain.ops.v1.MetricsService",
+    "brain.ops.v1.OverrideService",
+];
+
+/// Sets the health of the server and of every service.
+pub async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for name in SERVICE_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Every gRPC route: the five brain-ops services, health, and reflection v1 and v1alpha.
+pub fn routes(
+    ledger: &Ledger,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Routes {
+    let descriptors = [
+        pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ];
+    let mut reflection = tonic_reflection::server::Builder::configure();
+    let mut reflection_alpha = tonic_reflection::server::Builder::configure();
+    for set in descriptors {
+        reflection = reflection.register_encoded_file_descriptor_set(set);
+        reflection_alpha = reflection_alpha.register_encoded_file_descriptor_set(set);
+    }
+    let reflection = reflection
+        .build_v1()
+        .expect("the compiled descriptors are valid");
+    let reflection_alpha = reflection_alpha
+        .build_v1alpha()
+        .expect("the compiled descriptors are valid");
+
+    let audit = pb::audit_service_server::AuditServiceServer::new(AuditApi::new(AuditLog::new(
+        ledger.clone(),
+    )))
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let safe_mode =
+        pb::safe_mode_service_server::SafeModeServiceServer::new(SafeModeApi::new(ledger.clone()));
+
+    Routes::new(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(safe_mode)
+        .add_service(audit)
+        .add_service(pb::evidence_service_server::EvidenceServiceServer::new(
+            Unimplemented,
+        ))
+        .add_service(pb::metrics_service_server::MetricsServiceServer::new(
+            Unimplemented,
+        ))
+        .add_service(pb::override_service_server::OverrideServiceServer::new(
+            Unimplemented,
+        ))
+}
+
+/// Services not built yet: every RPC answers UNIMPLEMENTED.
+#[derive(Clone, Copy, Debug)]
+pub struct Unimplemented;
+
+impl pb::evidence_service_server::EvidenceService for Unimplemented {}
+impl pb::metrics_service_server::MetricsService for Unimplemented {}
+impl pb::override_service_server::OverrideService for Unimplemented {}
+
+/// The server with its layer stack.
+pub fn server(
+    drain: Arc<Drain>,
+) -> tonic::transport::Server<tower::layer::util::Stack<DrainLayer, tower::layer::util::Identity>> {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        // Outermost: while draining, refuse new calls before any work is done, and count the
+        // calls in flight so that shutdown can wait for them.
+        .layer(DrainLayer(drain))
+}

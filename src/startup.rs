@@ -1,0 +1,202 @@
+//! Build, then run: [`App::build`] opens and verifies the ledger and binds both listeners (port 0
+//! works); [`App::run_until_stopped`] serves until the shutdown future resolves, then drains.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::ledger::{Ledger, LedgerOptions};
+use crate::{http, safe_mode, server};
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid setting {setting}: cannot listen on {addr}: {source}")]
+    Bind {
+        setting: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the ledger could not be opened: {0}")]
+    Ledger(String),
+}
+
+impl StartError {
+    /// True when the operator must change the configuration.
+    pub fn is_config(&self) -> bool {
+        matches!(self, StartError::Bind { .. })
+    }
+}
+
+/// Why serving stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("the HTTP server failed: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// A built service, ready to run.
+#[derive(Debug)]
+pub struct App {
+    config: Config,
+    grpc: TcpListener,
+    http: TcpListener,
+    ledger: Ledger,
+    drain: Arc<Drain>,
+    health: HealthReporter,
+    routes: tonic::service::Routes,
+}
+
+impl App {
+    /// Binds the listeners, opens and verifies the ledger, rebuilds the state, and records what
+    /// the start found (integrity damage, `BRAIN_SAFE_MODE`).
+    pub async fn build(config: Config) -> Result<App, StartError> {
+        let grpc = bind("--grpc-addr / BRAIN_GRPC_ADDR", config.grpc_addr).await?;
+        let http = bind("--metrics-addr / BRAIN_METRICS_ADDR", config.metrics_addr).await?;
+        let options = LedgerOptions {
+            dir: config.data_dir.clone(),
+            sled: config.sled.clone(),
+            faults: config.faults.clone(),
+            clock: config.clock.clone(),
+        };
+        let (ledger, report) = tokio::task::spawn_blocking(move || Ledger::open(options))
+            .await
+            .map_err(|e| StartError::Ledger(e.to_string()))?;
+        if let Some(error) = &report.storage_error {
+            tracing::error!(%error, dir = %config.data_dir.display(), "ledger storage could not be opened; serving degraded from empty state");
+        }
+        if let Some(first) = report.verification.first_bad() {
+            tracing::error!(
+                first_bad_seq = first.seq,
+                problem = %first.problem,
+                damaged = report.verification.damage_total,
+                "ledger integrity violation"
+            );
+        }
+        let state = ledger.state();
+        tracing::info!(
+            head_seq = state.head.seq,
+            checked = report.verification.checked,
+            safe_mode = state.safe_mode.enabled,
+            "ledger verified and state rebuilt"
+        );
+        let drafts = safe_mode::startup_drafts(&state, &report, config.safe_mode_at_start);
+        if !drafts.is_empty()
+            && let Err(error) = ledger.append(drafts).await
+        {
+            tracing::error!(%error, "could not record the start-up safe-mode events");
+        }
+        let (health, health_service) = tonic_health::server::health_reporter();
+        server::set_health(&health, ServingStatus::NotServing).await;
+        let routes = server::routes(&ledger, health_service);
+        Ok(App {
+            config,
+            grpc,
+            http,
+            ledger,
+            drain: Arc::new(Drain::default()),
+            health,
+            routes,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The bound HTTP (metrics and probes) address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.http
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The ledger handle (for embedding and tests).
+    pub fn ledger(&self) -> Ledger {
+        self.ledger.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then: health NOT_SERVING, refuse new calls, wait for
+    /// calls in flight up to the drain deadline, stop both servers, and close the ledger after
+    /// its queued appends are durable.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let (grpc_addr, metrics_addr) = (self.grpc_addr(), self.metrics_addr());
+        let App {
+            config,
+            grpc,
+            http,
+            ledger,
+            drain,
+            health,
+            routes,
+        } = self;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+
+        let grpc_server = tokio::spawn(
+            server::server(drain.clone())
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(grpc),
+                    stop_signal(stopped.clone()),
+                ),
+        );
+        let http_server = tokio::spawn(
+            axum::serve(http, http::router(ledger.clone(), drain.clone()))
+                .with_graceful_shutdown(stop_signal(stopped.clone()))
+                .into_future(),
+        );
+        server::set_health(&health, ServingStatus::Serving).await;
+        tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "brain-ops serving");
+
+        shutdown.await;
+        tracing::info!("shutting down: draining calls in flight");
+        server::set_health(&health, ServingStatus::NotServing).await;
+        drain.start();
+        let left = drain.wait_idle(config.drain_timeout).await;
+        if left > 0 {
+            tracing::warn!(left, "drain deadline passed with calls still in flight");
+        }
+        let _ = stop.send(true);
+        let grace = Duration::from_secs(2);
+        let grpc_result = tokio::time::timeout(grace, grpc_server).await;
+        let http_result = tokio::time::timeout(grace, http_server).await;
+        ledger.shutdown().await;
+        tracing::info!("brain-ops stopped");
+        if let Ok(Ok(Err(e))) = grpc_result {
+            return Err(e.into());
+        }
+        if let Ok(Ok(Err(e))) = http_result {
+            return Err(e.into());
+        }
+        Ok(())
+    }
+}
+
+async fn bind(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            setting,
+            addr,
+            source,
+        })
+}

@@ -1,0 +1,99 @@
+//! The client commands against a live server: output formats and exit codes.
+
+use std::sync::Arc;
+
+use brain_ops::ledger::store::{SledOptions, SledStore, Storage};
+
+use crate::helpers::{BIN, spawn_app, spawn_app_in};
+
+/// Runs the CLI without blocking the runtime that serves the in-process server.
+async fn run(server: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = tokio::process::Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .env("BRAIN_SERVER", server)
+        .output()
+        .await
+        .expect("runs");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn audit_list_prints_stored_records_as_json_and_as_a_table() {
+    let app = spawn_app().await;
+    app.record("factory.step_failed", "timeout after 300 s")
+        .await;
+    app.record("factory.rollback_started", "step failed").await;
+    let server = format!("http://{}", app.grpc_addr);
+    let (code, stdout, stderr) = run(&server, &["audit", "list", "-o", "json"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).expect("JSON output");
+    let events = listed["events"].as_array().expect("events");
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["event_type"], "factory.step_failed");
+    assert_eq!(events[0]["severity"], "error");
+    assert_eq!(listed["next_after_seq"], 0);
+
+    let (code, stdout, _) = run(
+        &server,
+        &["audit", "list", "--type-prefix", "factory.rollback"],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains("factory.rollback_started") && !stdout.contains("factory.step_failed"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn audit_verify_exits_0_when_valid_and_1_when_broken() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    app.record("test.cli", "one").await;
+    app.record("test.cli", "two").await;
+    let server = format!("http://{}", app.grpc_addr);
+    let (code, stdout, _) = run(&server, &["audit", "verify"]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.starts_with("chain valid: 2 records checked"),
+        "{stdout}"
+    );
+    app.stop().await;
+
+    let store = SledStore::open(dir.path(), SledOptions::default(), Arc::default()).expect("opens");
+    let bytes = store.get(1).expect("reads").expect("stored");
+    let edited = String::from_utf8(bytes)
+        .expect("utf8")
+        .replace("one", "uno");
+    store.append(&[(1, edited.as_bytes())]).expect("writes");
+    drop(store);
+
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    let server = format!("http://{}", app.grpc_addr);
+    let (code, stdout, _) = run(&server, &["audit", "verify", "-o", "json"]).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON output");
+    assert_eq!(report["valid"], false);
+    assert_eq!(report["first_bad_seq"], 1);
+}
+
+#[tokio::test]
+async fn client_errors_map_to_documented_exit_codes() {
+    let app = spawn_app().await;
+    let server = format!("http://{}", app.grpc_addr);
+    let (code, _, stderr) = run(&server, &["audit", "list", "--page-size", "0"]).await;
+    assert_eq!(code, Some(4), "a refused request exits 4: {stderr}");
+    assert!(stderr.contains("page_size"), "{stderr}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+    let unreachable = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let (code, _, stderr) = run(&unreachable, &["audit", "list"]).await;
+    assert_eq!(code, Some(3), "an unreachable server exits 3: {stderr}");
+    let (code, _, _) = run(&server, &["audit", "list", "--from", "yesterday"]).await;
+    assert_eq!(code, Some(2), "a bad argument exits 2");
+}

@@ -1,0 +1,11 @@
+//! The one integration-test binary: real servers on port 0, real gRPC.
+#![allow(unreachable_pub)]
+
+mod canonical;
+mod cli;
+mod config;
+mod helpers;
+mod integrity;
+mod ledger;
+mod list;
+mod server;
