@@ -21,8 +21,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&descriptors),
     )?;
     // Default stubs answer UNIMPLEMENTED for RPCs a service does not implement yet.
-    tonic_prost_build::configure()
-        .generate_default_stubs(true)
-        .compile_fds(descriptors)?;
+    tonic_prost_build::configure().generate_default_stubs(true).compile_fds(descriptors)?;
     Ok(())
 }

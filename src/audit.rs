@@ -28,16 +28,13 @@ pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
 pub enum AuditError {
     /// A field breaks a limit. `index` is the record's place in a batch.
     #[error("{}{}", record_prefix(*index), invalid)]
-    Invalid {
-        index: Option<usize>,
-        invalid: InvalidField,
-    },
+    Invalid { index: Option<usize>, invalid: InvalidField },
     /// A producer tried to write a type only the service writes.
     #[error("{}event.event_type {event_type:?} is reserved: system.* and override.* events are written by brain-ops only", record_prefix(*index))]
-    Reserved {
-        index: Option<usize>,
-        event_type: String,
-    },
+    Reserved { index: Option<usize>, event_type: String },
+    /// The idempotency key was used before for a different payload.
+    #[error("{}idempotency_key {key:?} was already used for a different event (seq {seq})", record_prefix(*index))]
+    KeyConflict { index: Option<usize>, key: String, seq: u64 },
     #[error("the ledger cannot append right now: {0}")]
     Unavailable(String),
     #[error("the ledger could not be read: {0}")]
@@ -130,6 +127,9 @@ impl AuditLog {
                 index: index(i),
                 invalid: InvalidField::new("event", source.to_string()),
             },
+            AppendError::KeyConflict { index: i, key, seq } => {
+                AuditError::KeyConflict { index: index(i), key, seq }
+            }
             AppendError::Unavailable(why) => AuditError::Unavailable(why),
             AppendError::Closed => AuditError::Unavailable("brain-ops is shutting down".into()),
         })
@@ -152,10 +152,7 @@ impl AuditLog {
         let from = from_seq.max(1);
         let to = if to_seq == 0 { head.seq } else { to_seq };
         if to > head.seq {
-            return Err(invalid(
-                "to_seq",
-                format!("{to} is beyond the head seq {}", head.seq),
-            ));
+            return Err(invalid("to_seq", format!("{to} is beyond the head seq {}", head.seq)));
         }
         if from > to && (from_seq != 0 || to_seq != 0) {
             return Err(invalid("from_seq", format!("{from} is after to_seq {to}")));
@@ -165,10 +162,7 @@ impl AuditLog {
             let prev_hash = if from == 1 {
                 Some(crate::ledger::record::GENESIS_HASH.to_owned())
             } else {
-                store
-                    .get(from - 1)
-                    .map_err(storage)?
-                    .map(|bytes| stored_hash(&bytes))
+                store.get(from - 1).map_err(storage)?.map(|bytes| stored_hash(&bytes))
             };
             let mut verifier = ChainVerifier::new(from, prev_hash);
             store
@@ -199,10 +193,7 @@ impl AuditLog {
 }
 
 fn invalid(field: &str, message: String) -> AuditError {
-    AuditError::Invalid {
-        index: None,
-        invalid: InvalidField::new(field, message),
-    }
+    AuditError::Invalid { index: None, invalid: InvalidField::new(field, message) }
 }
 
 fn storage(e: crate::ledger::store::StorageError) -> AuditError {
@@ -274,9 +265,8 @@ fn list_page(store: &dyn Storage, head: u64, query: &ListQuery) -> Result<Page, 
             {
                 return ControlFlow::Break(());
             }
-            let in_range = query
-                .from
-                .is_none_or(|from| listed.time_micros.is_some_and(|t| t >= from));
+            let in_range =
+                query.from.is_none_or(|from| listed.time_micros.is_some_and(|t| t >= from));
             if in_range && listed.event_type.starts_with(&query.event_type_prefix) {
                 bytes_in_page += listed.json.len();
                 page.events.push(listed);
@@ -305,17 +295,13 @@ fn first_seq_at_or_after(store: &dyn Storage, head: u64, time: i64) -> Result<u6
         // A record that does not decode has no time: use the next one that does.
         let mut probe = None;
         store
-            .scan(
-                mid,
-                hi - 1,
-                &mut |_, bytes| match serde_json::from_slice::<Record>(bytes) {
-                    Ok(r) => {
-                        probe = r.time_micros();
-                        ControlFlow::Break(())
-                    }
-                    Err(_) => ControlFlow::Continue(()),
-                },
-            )
+            .scan(mid, hi - 1, &mut |_, bytes| match serde_json::from_slice::<Record>(bytes) {
+                Ok(r) => {
+                    probe = r.time_micros();
+                    ControlFlow::Break(())
+                }
+                Err(_) => ControlFlow::Continue(()),
+            })
             .map_err(storage)?;
         match probe {
             Some(t) if t < time => lo = mid + 1,

@@ -57,6 +57,9 @@ pub struct ServeArgs {
     /// sled's page cache in MiB.
     #[arg(long, env = "BRAIN_CACHE_MB", default_value = "64")]
     pub cache_mb: String,
+    /// Hours an idempotency key is remembered.
+    #[arg(long, env = "BRAIN_IDEMPOTENCY_RETENTION_HOURS", default_value = "24")]
+    pub idempotency_retention_hours: String,
 }
 
 /// How logs are written.
@@ -76,10 +79,7 @@ pub struct ConfigError {
 }
 
 fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        setting,
-        message: message.into(),
-    }
+    ConfigError { setting, message: message.into() }
 }
 
 /// Validated configuration of the service.
@@ -93,6 +93,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub drain_timeout: Duration,
     pub sled: SledOptions,
+    pub idempotency_retention: Duration,
     /// Test seam: faults injected into storage.
     pub faults: Arc<Faults>,
     /// Test seam: the writer's clock.
@@ -110,6 +111,7 @@ impl Config {
             log_format: LogFormat::Human,
             drain_timeout: Duration::from_secs(10),
             sled: SledOptions::default(),
+            idempotency_retention: Duration::from_secs(24 * 3600),
             faults: Arc::default(),
             clock: Arc::new(SystemClock),
         }
@@ -161,37 +163,37 @@ impl TryFrom<ServeArgs> for Config {
                     format!("{:?} is not a whole number from 8 to 65536", args.cache_mb),
                 )
             })?;
+        let retention_hours = args
+            .idempotency_retention_hours
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|h| (1..=24 * 366).contains(h))
+            .ok_or_else(|| {
+                invalid(
+                    "--idempotency-retention-hours / BRAIN_IDEMPOTENCY_RETENTION_HOURS",
+                    format!(
+                        "{:?} is not a whole number of hours from 1 to 8784",
+                        args.idempotency_retention_hours
+                    ),
+                )
+            })?;
         if args.data_dir.as_os_str().is_empty() {
             return Err(invalid("--data-dir / BRAIN_DATA_DIR", "must not be empty"));
         }
         // Settings of capabilities this build does not have yet are refused rather than ignored:
         // an operator who configures TLS or authentication must not get a service without it.
         let unsupported = [
-            (
-                "--health-addr / BRAIN_HEALTH_ADDR",
-                args.health_addr.is_some(),
-            ),
+            ("--health-addr / BRAIN_HEALTH_ADDR", args.health_addr.is_some()),
             ("--auth-file / BRAIN_AUTH_FILE", args.auth_file.is_some()),
-            (
-                "--signing-key-file / BRAIN_SIGNING_KEY_FILE",
-                args.signing_key_file.is_some(),
-            ),
-            (
-                "--governance-config / BRAIN_GOVERNANCE_CONFIG",
-                args.governance_config.is_some(),
-            ),
+            ("--signing-key-file / BRAIN_SIGNING_KEY_FILE", args.signing_key_file.is_some()),
+            ("--governance-config / BRAIN_GOVERNANCE_CONFIG", args.governance_config.is_some()),
             ("--tls-cert / BRAIN_TLS_CERT", args.tls_cert.is_some()),
             ("--tls-key / BRAIN_TLS_KEY", args.tls_key.is_some()),
-            (
-                "--tls-client-ca / BRAIN_TLS_CLIENT_CA",
-                args.tls_client_ca.is_some(),
-            ),
+            ("--tls-client-ca / BRAIN_TLS_CLIENT_CA", args.tls_client_ca.is_some()),
         ];
         if let Some((setting, _)) = unsupported.iter().find(|(_, set)| *set) {
-            return Err(invalid(
-                setting,
-                "is not supported by this version of brain-ops yet",
-            ));
+            return Err(invalid(setting, "is not supported by this version of brain-ops yet"));
         }
         // Without a principals file every caller is anonymous with every role, which is only
         // acceptable where nobody else can connect.
@@ -216,9 +218,8 @@ impl TryFrom<ServeArgs> for Config {
             safe_mode_at_start,
             log_format,
             drain_timeout,
-            sled: SledOptions {
-                cache_capacity: cache_mb * 1024 * 1024,
-            },
+            sled: SledOptions { cache_capacity: cache_mb * 1024 * 1024 },
+            idempotency_retention: Duration::from_secs(retention_hours * 3600),
             faults: Arc::default(),
             clock: Arc::new(SystemClock),
         })
@@ -227,10 +228,7 @@ impl TryFrom<ServeArgs> for Config {
 
 fn parse_addr(setting: &'static str, raw: &str) -> Result<SocketAddr, ConfigError> {
     raw.trim().parse().map_err(|_| {
-        invalid(
-            setting,
-            format!("{raw:?} is not an IP address and port like 127.0.0.1:50051"),
-        )
+        invalid(setting, format!("{raw:?} is not an IP address and port like 127.0.0.1:50051"))
     })
 }
 

@@ -90,10 +90,7 @@ impl<S> tower::Layer<S> for DrainLayer {
     type Service = DrainService<S>;
 
     fn layer(&self, inner: S) -> DrainService<S> {
-        DrainService {
-            inner,
-            drain: self.0.clone(),
-        }
+        DrainService { inner, drain: self.0.clone() }
     }
 }
 

@@ -32,10 +32,7 @@ async fn livez(State(probes): State<Probes>) -> (StatusCode, &'static str) {
     if probes.ledger.writer_alive() || probes.drain.is_draining() {
         (StatusCode::OK, "alive\n")
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the ledger writer has stopped\n",
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "the ledger writer has stopped\n")
     }
 }
 

@@ -50,11 +50,7 @@ async fn serve(args: brain_ops::config::ServeArgs) -> u8 {
         Err(e) => {
             tracing::error!(error = %e, "brain-ops cannot start");
             eprintln!("error: {e}");
-            return if e.is_config() {
-                exit::CONFIG
-            } else {
-                exit::SOFTWARE
-            };
+            return if e.is_config() { exit::CONFIG } else { exit::SOFTWARE };
         }
     };
     match app.run_until_stopped(shutdown_signal()).await {

@@ -1,10 +1,5 @@
 //! Generated protobuf and gRPC code. The only module that silences lints for generated code.
-#![allow(
-    unreachable_pub,
-    missing_debug_implementations,
-    clippy::all,
-    clippy::pedantic
-)]
+#![allow(unreachable_pub, missing_debug_implementations, clippy::all, clippy::pedantic)]
 
 tonic::include_proto!("brain.ops.v1");
 

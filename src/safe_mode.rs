@@ -8,12 +8,8 @@ use crate::state::{DAMAGE_KEY, SafeModeSource, State, events};
 /// What safe mode blocks, in the words operators know.
 pub const BLOCKED_OPERATIONS: [&str; 3] = ["Factory executions", "Deployments", "Bundle loads"];
 /// What keeps working in safe mode.
-pub const ALLOWED_OPERATIONS: [&str; 4] = [
-    "Read-only APIs",
-    "Monitoring",
-    "Audit log access",
-    "Metrics",
-];
+pub const ALLOWED_OPERATIONS: [&str; 4] =
+    ["Read-only APIs", "Monitoring", "Audit log access", "Metrics"];
 
 /// The principal the service itself writes events as.
 pub const SERVICE_PRINCIPAL: &str = "brain-ops";
@@ -31,10 +27,8 @@ pub fn startup_drafts(state: &State, report: &StartReport, safe_mode_env: bool) 
         .collect();
     // Damage already on record is not reported again at every restart; it keeps the service
     // frozen until an operator acknowledges it.
-    let new: Vec<_> = unacknowledged
-        .iter()
-        .filter(|d| !state.integrity.reported.contains(&d.tag()))
-        .collect();
+    let new: Vec<_> =
+        unacknowledged.iter().filter(|d| !state.integrity.reported.contains(&d.tag())).collect();
     if let Some(first) = new.first() {
         let mut tags = String::new();
         for damage in &new {
@@ -53,37 +47,25 @@ pub fn startup_drafts(state: &State, report: &StartReport, safe_mode_env: bool) 
                 .failed()
                 .reason(integrity_reason(first))
                 .meta("first_bad_seq", first.seq.to_string())
-                .meta(
-                    "damaged_total",
-                    report.verification.damage_total.to_string(),
-                )
+                .meta("damaged_total", report.verification.damage_total.to_string())
                 .meta(DAMAGE_KEY, tags),
         );
     }
     if let Some(first) = unacknowledged.first()
         && !enabled
     {
-        drafts.push(enable_draft(
-            SafeModeSource::Integrity,
-            integrity_reason(first),
-        ));
+        drafts.push(enable_draft(SafeModeSource::Integrity, integrity_reason(first)));
         enabled = true;
     }
     if safe_mode_env && !enabled {
-        drafts.push(enable_draft(
-            SafeModeSource::Env,
-            "BRAIN_SAFE_MODE is set".into(),
-        ));
+        drafts.push(enable_draft(SafeModeSource::Env, "BRAIN_SAFE_MODE is set".into()));
     }
     drafts
 }
 
 fn integrity_reason(damage: &Damage) -> String {
     truncate(
-        format!(
-            "ledger verification failed at seq {}: {}",
-            damage.seq, damage.problem
-        ),
+        format!("ledger verification failed at seq {}: {}", damage.seq, damage.problem),
         MAX_TEXT_BYTES,
     )
 }

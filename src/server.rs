@@ -45,22 +45,16 @@ pub fn routes(
         impl tonic_health::pb::health_server::Health,
     >,
 ) -> Routes {
-    let descriptors = [
-        pb::FILE_DESCRIPTOR_SET,
-        tonic_health::pb::FILE_DESCRIPTOR_SET,
-    ];
+    let descriptors = [pb::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET];
     let mut reflection = tonic_reflection::server::Builder::configure();
     let mut reflection_alpha = tonic_reflection::server::Builder::configure();
     for set in descriptors {
         reflection = reflection.register_encoded_file_descriptor_set(set);
         reflection_alpha = reflection_alpha.register_encoded_file_descriptor_set(set);
     }
-    let reflection = reflection
-        .build_v1()
-        .expect("the compiled descriptors are valid");
-    let reflection_alpha = reflection_alpha
-        .build_v1alpha()
-        .expect("the compiled descriptors are valid");
+    let reflection = reflection.build_v1().expect("the compiled descriptors are valid");
+    let reflection_alpha =
+        reflection_alpha.build_v1alpha().expect("the compiled descriptors are valid");
 
     let audit = pb::audit_service_server::AuditServiceServer::new(AuditApi::new(AuditLog::new(
         ledger.clone(),
@@ -74,15 +68,9 @@ pub fn routes(
         .add_service(reflection_alpha)
         .add_service(safe_mode)
         .add_service(audit)
-        .add_service(pb::evidence_service_server::EvidenceServiceServer::new(
-            Unimplemented,
-        ))
-        .add_service(pb::metrics_service_server::MetricsServiceServer::new(
-            Unimplemented,
-        ))
-        .add_service(pb::override_service_server::OverrideServiceServer::new(
-            Unimplemented,
-        ))
+        .add_service(pb::evidence_service_server::EvidenceServiceServer::new(Unimplemented))
+        .add_service(pb::metrics_service_server::MetricsServiceServer::new(Unimplemented))
+        .add_service(pb::override_service_server::OverrideServiceServer::new(Unimplemented))
 }
 
 /// Services not built yet: every RPC answers UNIMPLEMENTED.

@@ -20,11 +20,7 @@ use crate::{http, safe_mode, server};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("invalid setting {setting}: cannot listen on {addr}: {source}")]
-    Bind {
-        setting: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { setting: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("the ledger could not be opened: {0}")]
     Ledger(String),
 }
@@ -68,6 +64,7 @@ impl App {
             sled: config.sled.clone(),
             faults: config.faults.clone(),
             clock: config.clock.clone(),
+            idempotency_retention: config.idempotency_retention,
         };
         let (ledger, report) = tokio::task::spawn_blocking(move || Ledger::open(options))
             .await
@@ -99,29 +96,17 @@ impl App {
         let (health, health_service) = tonic_health::server::health_reporter();
         server::set_health(&health, ServingStatus::NotServing).await;
         let routes = server::routes(&ledger, health_service);
-        Ok(App {
-            config,
-            grpc,
-            http,
-            ledger,
-            drain: Arc::new(Drain::default()),
-            health,
-            routes,
-        })
+        Ok(App { config, grpc, http, ledger, drain: Arc::new(Drain::default()), health, routes })
     }
 
     /// The bound gRPC address.
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.grpc.local_addr().expect("a bound listener has an address")
     }
 
     /// The bound HTTP (metrics and probes) address.
     pub fn metrics_addr(&self) -> SocketAddr {
-        self.http
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.http.local_addr().expect("a bound listener has an address")
     }
 
     /// The ledger handle (for embedding and tests).
@@ -137,27 +122,17 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let (grpc_addr, metrics_addr) = (self.grpc_addr(), self.metrics_addr());
-        let App {
-            config,
-            grpc,
-            http,
-            ledger,
-            drain,
-            health,
-            routes,
-        } = self;
+        let App { config, grpc, http, ledger, drain, health, routes } = self;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let stop_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
 
         let grpc_server = tokio::spawn(
-            server::server(drain.clone())
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(grpc),
-                    stop_signal(stopped.clone()),
-                ),
+            server::server(drain.clone()).add_routes(routes).serve_with_incoming_shutdown(
+                TcpListenerStream::new(grpc),
+                stop_signal(stopped.clone()),
+            ),
         );
         let http_server = tokio::spawn(
             axum::serve(http, http::router(ledger.clone(), drain.clone()))
@@ -192,11 +167,5 @@ impl App {
 }
 
 async fn bind(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            setting,
-            addr,
-            source,
-        })
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { setting, addr, source })
 }

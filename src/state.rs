@@ -78,11 +78,7 @@ pub struct Head {
 
 impl Default for Head {
     fn default() -> Head {
-        Head {
-            seq: 0,
-            hash: crate::ledger::record::GENESIS_HASH.to_owned(),
-            time_micros: i64::MIN,
-        }
+        Head { seq: 0, hash: crate::ledger::record::GENESIS_HASH.to_owned(), time_micros: i64::MIN }
     }
 }
 
@@ -116,17 +112,11 @@ impl State {
                     enabled_at: parse_time(&record.time),
                     reason: record.reason.clone(),
                     enabled_by: Some(record.source.clone()),
-                    source: record
-                        .metadata
-                        .get("source")
-                        .and_then(|s| SafeModeSource::parse(s)),
+                    source: record.metadata.get("source").and_then(|s| SafeModeSource::parse(s)),
                 };
             }
             events::SAFE_MODE_DISABLED => {
-                self.safe_mode = SafeMode {
-                    revision: record.seq,
-                    ..SafeMode::default()
-                };
+                self.safe_mode = SafeMode { revision: record.seq, ..SafeMode::default() };
             }
             events::INTEGRITY_VIOLATION => {
                 self.integrity.reported.extend(damage_tags(record));

@@ -47,14 +47,7 @@ pub(super) async fn run(client: &ClientArgs, command: AuditCommand) -> Result<u8
     let (channel, bearer) = client.connect().await?;
     let mut audit = AuditServiceClient::with_interceptor(channel, bearer);
     match command {
-        AuditCommand::List {
-            from,
-            to,
-            type_prefix,
-            after_seq,
-            page_size,
-            all,
-        } => {
+        AuditCommand::List { from, to, type_prefix, after_seq, page_size, all } => {
             let time = |flag: &str, value: Option<String>| {
                 value
                     .map(|v| {
@@ -85,10 +78,8 @@ pub(super) async fn run(client: &ClientArgs, command: AuditCommand) -> Result<u8
             Ok(exit::OK)
         }
         AuditCommand::Verify { from_seq, to_seq } => {
-            let report = audit
-                .verify_chain(pb::VerifyChainRequest { from_seq, to_seq })
-                .await?
-                .into_inner();
+            let report =
+                audit.verify_chain(pb::VerifyChainRequest { from_seq, to_seq }).await?.into_inner();
             match client.output {
                 Output::Json => print_json(&json!({
                     "valid": report.valid,
@@ -111,11 +102,7 @@ pub(super) async fn run(client: &ClientArgs, command: AuditCommand) -> Result<u8
                     report.head_hash
                 ),
             }
-            Ok(if report.valid {
-                exit::OK
-            } else {
-                exit::NEGATIVE
-            })
+            Ok(if report.valid { exit::OK } else { exit::NEGATIVE })
         }
     }
 }
@@ -140,13 +127,8 @@ fn print_events(output: Output, events: &[pb::LedgerEvent], next_after_seq: u64)
             );
             for event in events {
                 let record: Value = serde_json::from_str(&event.record_json).unwrap_or(Value::Null);
-                let field = |name: &str| {
-                    record
-                        .get(name)
-                        .and_then(Value::as_str)
-                        .unwrap_or("-")
-                        .to_owned()
-                };
+                let field =
+                    |name: &str| record.get(name).and_then(Value::as_str).unwrap_or("-").to_owned();
                 let time = event
                     .time
                     .as_ref()
@@ -157,11 +139,7 @@ fn print_events(output: Output, events: &[pb::LedgerEvent], next_after_seq: u64)
                     event.seq,
                     time,
                     field("severity"),
-                    if event.event_type.is_empty() {
-                        "(undecodable)"
-                    } else {
-                        &event.event_type
-                    },
+                    if event.event_type.is_empty() { "(undecodable)" } else { &event.event_type },
                     field("source"),
                     field("reason"),
                 );

@@ -56,12 +56,7 @@ pub enum Command {
 #[derive(Clone, Debug, clap::Args)]
 pub struct ClientArgs {
     /// Server address, e.g. http://127.0.0.1:50051.
-    #[arg(
-        long,
-        env = "BRAIN_SERVER",
-        default_value = "http://127.0.0.1:50051",
-        global = true
-    )]
+    #[arg(long, env = "BRAIN_SERVER", default_value = "http://127.0.0.1:50051", global = true)]
     pub server: String,
     /// Bearer token.
     #[arg(long, env = "BRAIN_TOKEN", hide_env_values = true, global = true)]
@@ -96,10 +91,7 @@ impl From<Status> for Failure {
             }
             _ => exit::REFUSED,
         };
-        Failure {
-            code,
-            message: format!("{:?}: {}", status.code(), status.message()),
-        }
+        Failure { code, message: format!("{:?}: {}", status.code(), status.message()) }
     }
 }
 
@@ -112,9 +104,7 @@ pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
         if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
+            request.metadata_mut().insert("authorization", value.clone());
         }
         Ok(request)
     }
@@ -128,10 +118,7 @@ impl ClientArgs {
         } else {
             format!("http://{}", self.server)
         };
-        let usage = |message: String| Failure {
-            code: exit::USAGE,
-            message,
-        };
+        let usage = |message: String| Failure { code: exit::USAGE, message };
         let timeout = Duration::from_secs(self.timeout_seconds.max(1));
         let endpoint = Endpoint::from_shared(server.clone())
             .map_err(|e| usage(format!("--server / BRAIN_SERVER {server:?}: {e}")))?
@@ -170,10 +157,7 @@ pub async fn run_client(command: Command) -> u8 {
 
 /// Prints a value as pretty JSON.
 fn print_json(value: &serde_json::Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).unwrap_or_default()
-    );
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 
 #[allow(dead_code)]

@@ -27,21 +27,15 @@ impl pb::audit_service_server::AuditService for AuditApi {
     ) -> Result<Response<pb::RecordResponse>, Status> {
         let source = principal(&request);
         let request = request.into_inner();
-        let draft = draft_from_event(request.event, request.idempotency_key, &source).map_err(
-            |invalid| AuditError::Invalid {
-                index: None,
-                invalid,
-            },
-        )?;
+        let draft = draft_from_event(request.event, request.idempotency_key, &source)
+            .map_err(|invalid| AuditError::Invalid { index: None, invalid })?;
         let appended = self.log.record(vec![draft], false).await?;
-        let first = appended
-            .into_iter()
-            .next()
-            .ok_or_else(|| Status::internal("nothing appended"))?;
+        let first =
+            appended.into_iter().next().ok_or_else(|| Status::internal("nothing appended"))?;
         Ok(Response::new(pb::RecordResponse {
             seq: first.seq,
             hash: first.hash,
-            duplicate: false,
+            duplicate: first.duplicate,
         }))
     }
 
@@ -61,22 +55,14 @@ impl pb::audit_service_server::AuditService for AuditApi {
             .into_iter()
             .enumerate()
             .map(|(index, record)| {
-                draft_from_event(record.event, record.idempotency_key, &source).map_err(|invalid| {
-                    AuditError::Invalid {
-                        index: Some(index),
-                        invalid,
-                    }
-                })
+                draft_from_event(record.event, record.idempotency_key, &source)
+                    .map_err(|invalid| AuditError::Invalid { index: Some(index), invalid })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let appended = self.log.record(drafts, true).await?;
         let results = appended
             .into_iter()
-            .map(|a| pb::RecordResult {
-                seq: a.seq,
-                hash: a.hash,
-                duplicate: false,
-            })
+            .map(|a| pb::RecordResult { seq: a.seq, hash: a.hash, duplicate: a.duplicate })
             .collect();
         Ok(Response::new(pb::RecordBatchResponse { results }))
     }
@@ -98,10 +84,7 @@ impl pb::audit_service_server::AuditService for AuditApi {
         request: Request<pb::VerifyChainRequest>,
     ) -> Result<Response<pb::VerifyChainResponse>, Status> {
         let request = request.into_inner();
-        let report = self
-            .log
-            .verify_chain(request.from_seq, request.to_seq)
-            .await?;
+        let report = self.log.verify_chain(request.from_seq, request.to_seq).await?;
         Ok(Response::new(report.into()))
     }
 }

@@ -56,19 +56,14 @@ fn mode_from_pb(field: &str, value: i32) -> Result<Option<Mode>, InvalidField> {
         Ok(pb::OperationMode::Offline) => Ok(Some(Mode::Offline)),
         Ok(pb::OperationMode::Sovereign) => Ok(Some(Mode::Sovereign)),
         Ok(pb::OperationMode::Quarantine) => Ok(Some(Mode::Quarantine)),
-        Err(_) => Err(InvalidField::new(
-            field,
-            format!("{value} is not a known operation mode"),
-        )),
+        Err(_) => Err(InvalidField::new(field, format!("{value} is not a known operation mode"))),
     }
 }
 
 /// Microseconds since the epoch of a protobuf timestamp.
 pub fn micros_from_pb(field: &str, t: &prost_types::Timestamp) -> Result<i64, Status> {
     if !(0..1_000_000_000).contains(&t.nanos) {
-        return Err(Status::invalid_argument(format!(
-            "{field}.nanos must be from 0 to 999999999"
-        )));
+        return Err(Status::invalid_argument(format!("{field}.nanos must be from 0 to 999999999")));
     }
     t.seconds
         .checked_mul(1_000_000)
@@ -88,16 +83,8 @@ impl TryFrom<pb::AuditServiceListRequest> for ListQuery {
     type Error = Status;
 
     fn try_from(request: pb::AuditServiceListRequest) -> Result<ListQuery, Status> {
-        let from = request
-            .from
-            .as_ref()
-            .map(|t| micros_from_pb("from", t))
-            .transpose()?;
-        let to = request
-            .to
-            .as_ref()
-            .map(|t| micros_from_pb("to", t))
-            .transpose()?;
+        let from = request.from.as_ref().map(|t| micros_from_pb("from", t)).transpose()?;
+        let to = request.to.as_ref().map(|t| micros_from_pb("to", t)).transpose()?;
         if let (Some(from), Some(to)) = (from, to)
             && from >= to
         {
@@ -160,10 +147,7 @@ impl From<&SafeMode> for pb::SafeModeStatus {
         let (blocked, allowed) = if mode.enabled {
             (strings(&BLOCKED_OPERATIONS), strings(&ALLOWED_OPERATIONS))
         } else {
-            (
-                Vec::new(),
-                strings(&[BLOCKED_OPERATIONS.as_slice(), &ALLOWED_OPERATIONS].concat()),
-            )
+            (Vec::new(), strings(&[BLOCKED_OPERATIONS.as_slice(), &ALLOWED_OPERATIONS].concat()))
         };
         let source = match mode.source {
             None => pb::SafeModeSource::Unspecified,

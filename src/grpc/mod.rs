@@ -24,6 +24,7 @@ impl From<AuditError> for Status {
         match &error {
             AuditError::Invalid { .. } => Status::invalid_argument(error.to_string()),
             AuditError::Reserved { .. } => Status::permission_denied(error.to_string()),
+            AuditError::KeyConflict { .. } => Status::already_exists(error.to_string()),
             AuditError::Unavailable(_) => {
                 tracing::warn!(%error, "append refused");
                 Status::unavailable(error.to_string())

@@ -24,8 +24,6 @@ impl pb::safe_mode_service_server::SafeModeService for SafeModeApi {
         _request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let state = self.ledger.state();
-        Ok(Response::new(pb::GetStatusResponse {
-            status: Some((&state.safe_mode).into()),
-        }))
+        Ok(Response::new(pb::GetStatusResponse { status: Some((&state.safe_mode).into()) }))
     }
 }

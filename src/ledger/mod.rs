@@ -5,6 +5,7 @@
 //! [`store::Storage`] for listing and verification.
 
 pub mod clock;
+pub mod idempotency;
 pub mod record;
 pub mod store;
 pub mod verify;
@@ -13,14 +14,16 @@ mod writer;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
 use self::clock::Clock;
+use self::idempotency::IdempotencyIndex;
 use self::record::{Draft, TooLarge};
 use self::store::{Faults, SledOptions, SledStore, Storage};
 use self::verify::{ChainVerifier, Verification};
-use crate::state::{Head, State};
+use crate::state::{Head, SafeMode, SafeModeSource, State};
 
 /// How the ledger is opened.
 #[derive(Clone, Debug)]
@@ -30,6 +33,8 @@ pub struct LedgerOptions {
     /// Faults to inject into storage (tests only; empty otherwise).
     pub faults: Arc<Faults>,
     pub clock: Arc<dyn Clock>,
+    /// How long idempotency keys are remembered.
+    pub idempotency_retention: Duration,
 }
 
 /// Where one appended event landed.
@@ -37,6 +42,9 @@ pub struct LedgerOptions {
 pub struct Appended {
     pub seq: u64,
     pub hash: String,
+    /// True when an idempotency key matched an earlier event with the same payload; `seq` and
+    /// `hash` are then the original's and nothing was appended.
+    pub duplicate: bool,
 }
 
 /// Why an append was not acknowledged. Nothing from a failed append is ever acknowledged.
@@ -44,6 +52,11 @@ pub struct Appended {
 pub enum AppendError {
     #[error("record {index}: {source}")]
     TooLarge { index: usize, source: TooLarge },
+    /// An idempotency key was used before, by the same principal, for a different payload.
+    #[error(
+        "record {index}: idempotency key {key:?} was already used for a different event (seq {seq})"
+    )]
+    KeyConflict { index: usize, key: String, seq: u64 },
     #[error("the ledger cannot append right now: {0}")]
     Unavailable(String),
     #[error("the ledger is shut down")]
@@ -98,24 +111,30 @@ impl Ledger {
             Ok(store) => (Some(Arc::new(store) as Arc<dyn Storage>), None),
             Err(e) => (None, Some(e.to_string())),
         };
-        let (state, verification, storage_error) = match &store {
-            Some(store) => match rebuild(store.as_ref()) {
+        let mut index = IdempotencyIndex::new(options.idempotency_retention);
+        let (mut state, verification, storage_error) = match &store {
+            Some(store) => match rebuild(store.as_ref(), &mut index) {
                 Ok((state, verification)) => (state, verification, storage_error),
-                Err(e) => (
-                    State::default(),
-                    Verification::default(),
-                    Some(e.to_string()),
-                ),
+                Err(e) => (State::default(), Verification::default(), Some(e.to_string())),
             },
             None => (State::default(), Verification::default(), storage_error),
         };
-        let writable = if storage_error.is_some() {
-            None
-        } else {
-            store.clone()
-        };
+        if let Some(error) = &storage_error {
+            // Fail closed: with no ledger to decide from, nothing may run. This freeze cannot be
+            // recorded; it lasts until the store opens again at a restart.
+            state.safe_mode = SafeMode {
+                enabled: true,
+                revision: 0,
+                enabled_at: Some(options.clock.now_micros()),
+                reason: Some(format!("ledger storage could not be opened: {error}")),
+                enabled_by: Some(crate::safe_mode::SERVICE_PRINCIPAL.to_owned()),
+                source: Some(SafeModeSource::Storage),
+            };
+        }
+        index.expire(options.clock.now_micros());
+        let writable = if storage_error.is_some() { None } else { store.clone() };
         let (commands, state, health, thread) =
-            writer::spawn(writable, state, options.clock, storage_error.clone());
+            writer::spawn(writable, state, index, options.clock, storage_error.clone());
         let ledger = Ledger {
             inner: Arc::new(Inner {
                 commands,
@@ -125,13 +144,7 @@ impl Ledger {
                 thread: Mutex::new(Some(thread)),
             }),
         };
-        (
-            ledger,
-            StartReport {
-                storage_error,
-                verification,
-            },
-        )
+        (ledger, StartReport { storage_error, verification })
     }
 
     /// Appends drafts as one atomic unit and answers once they are durable.
@@ -175,21 +188,10 @@ impl Ledger {
     /// [`AppendError::Closed`].
     pub async fn shutdown(&self) {
         let (done, finished) = oneshot::channel();
-        if self
-            .inner
-            .commands
-            .send(writer::Command::Shutdown { done })
-            .await
-            .is_ok()
-        {
+        if self.inner.commands.send(writer::Command::Shutdown { done }).await.is_ok() {
             let _ = finished.await;
         }
-        let thread = self
-            .inner
-            .thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let thread = self.inner.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
@@ -197,13 +199,17 @@ impl Ledger {
 }
 
 /// Verifies every stored record and folds the intact ones into a fresh state.
-fn rebuild(store: &dyn Storage) -> Result<(State, Verification), store::StorageError> {
+fn rebuild(
+    store: &dyn Storage,
+    index: &mut IdempotencyIndex,
+) -> Result<(State, Verification), store::StorageError> {
     let mut state = State::default();
     let mut verifier = ChainVerifier::new(1, Some(state.head.hash.clone()));
     let mut last_seq = 0;
     store.scan(1, u64::MAX, &mut |seq, bytes| {
         if let Some(record) = verifier.check(seq, bytes) {
             state.apply(&record);
+            index.insert(&record);
         }
         last_seq = seq;
         ControlFlow::Continue(())

@@ -111,12 +111,7 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in metric-value order.
-    pub const ALL: [Mode; 4] = [
-        Mode::Online,
-        Mode::Offline,
-        Mode::Sovereign,
-        Mode::Quarantine,
-    ];
+    pub const ALL: [Mode; 4] = [Mode::Online, Mode::Offline, Mode::Sovereign, Mode::Quarantine];
 
     /// The value of `brain_mode_current` for this mode.
     pub fn metric_value(self) -> u8 {
@@ -197,6 +192,11 @@ impl Draft {
         self
     }
 
+    /// The severity the record will carry: the producer's, or the derived one.
+    pub fn resolved_severity(&self) -> Severity {
+        self.severity.unwrap_or_else(|| Severity::derive(&self.event_type, self.success))
+    }
+
     /// Checks every field against the limits of the record format. The error names the field.
     pub fn validate(&self) -> Result<(), InvalidField> {
         validate_event_type(&self.event_type)?;
@@ -204,11 +204,7 @@ impl Draft {
         check_bytes("error", self.error.as_deref(), MAX_TEXT_BYTES)?;
         check_chars("triggered_by", self.triggered_by.as_deref(), MAX_NAME_CHARS)?;
         check_chars("bundle_id", self.bundle_id.as_deref(), MAX_NAME_CHARS)?;
-        check_chars(
-            "idempotency_key",
-            self.idempotency_key.as_deref(),
-            MAX_NAME_CHARS,
-        )?;
+        check_chars("idempotency_key", self.idempotency_key.as_deref(), MAX_NAME_CHARS)?;
         check_chars("source", Some(&self.source), MAX_NAME_CHARS)?;
         if self.metadata.len() > MAX_METADATA_ENTRIES {
             return Err(InvalidField::new(
@@ -229,10 +225,7 @@ impl Draft {
             if value.len() > MAX_TEXT_BYTES {
                 return Err(InvalidField::new(
                     format!("metadata.{key}"),
-                    format!(
-                        "is {} bytes; at most {MAX_TEXT_BYTES} are allowed",
-                        value.len()
-                    ),
+                    format!("is {} bytes; at most {MAX_TEXT_BYTES} are allowed", value.len()),
                 ));
             }
         }
@@ -261,10 +254,7 @@ pub struct InvalidField {
 
 impl InvalidField {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> InvalidField {
-        InvalidField {
-            field: field.into(),
-            message: message.into(),
-        }
+        InvalidField { field: field.into(), message: message.into() }
     }
 }
 
@@ -305,9 +295,7 @@ pub fn is_reserved_event_type(event_type: &str) -> bool {
 
 fn valid_metadata_key(key: &str) -> bool {
     (1..=MAX_METADATA_KEY_CHARS).contains(&key.len())
-        && key
-            .bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
+        && key.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
 }
 
 fn is_secret_key(key: &str) -> bool {
@@ -329,10 +317,9 @@ pub fn check_bytes(field: &str, value: Option<&str>, limit: usize) -> Result<(),
 /// Checks an optional name field against a limit in characters.
 pub fn check_chars(field: &str, value: Option<&str>, limit: usize) -> Result<(), InvalidField> {
     match value {
-        Some(v) if v.chars().count() > limit => Err(InvalidField::new(
-            field,
-            format!("is longer than {limit} characters"),
-        )),
+        Some(v) if v.chars().count() > limit => {
+            Err(InvalidField::new(field, format!("is longer than {limit} characters")))
+        }
         _ => Ok(()),
     }
 }
@@ -387,9 +374,7 @@ impl Record {
         time_micros: i64,
         prev_hash: &str,
     ) -> Result<Sealed, TooLarge> {
-        let severity = draft
-            .severity
-            .unwrap_or_else(|| Severity::derive(&draft.event_type, draft.success));
+        let severity = draft.resolved_severity();
         let limit = size_limit(&draft.event_type);
         let mut record = Record {
             bundle_id: draft.bundle_id,
@@ -413,10 +398,7 @@ impl Record {
         record.hash = record.compute_hash();
         let bytes = record.canonical_bytes();
         if bytes.len() > limit {
-            return Err(TooLarge {
-                size: bytes.len(),
-                limit,
-            });
+            return Err(TooLarge { size: bytes.len(), limit });
         }
         Ok(Sealed { record, bytes })
     }
@@ -451,10 +433,7 @@ impl Record {
         }
         let computed = record.compute_hash();
         if computed != record.hash {
-            return Err(RecordProblem::HashMismatch {
-                stored: record.hash,
-                computed,
-            });
+            return Err(RecordProblem::HashMismatch { stored: record.hash, computed });
         }
         Ok(record)
     }
@@ -478,11 +457,7 @@ pub enum RecordProblem {
 
 /// The largest canonical record allowed for an event type.
 pub fn size_limit(event_type: &str) -> usize {
-    if event_type == GOVERNANCE_CONFIG_EVENT {
-        MAX_CONFIG_RECORD_BYTES
-    } else {
-        MAX_RECORD_BYTES
-    }
+    if event_type == GOVERNANCE_CONFIG_EVENT { MAX_CONFIG_RECORD_BYTES } else { MAX_RECORD_BYTES }
 }
 
 /// Formats microseconds since the epoch as RFC 3339 UTC with six fractional digits and `Z`.
@@ -494,9 +469,7 @@ pub fn format_time(micros: i64) -> String {
 
 /// Parses an RFC 3339 time into microseconds since the epoch.
 pub fn parse_time(text: &str) -> Option<i64> {
-    DateTime::parse_from_rfc3339(text)
-        .ok()
-        .map(|t| t.timestamp_micros())
+    DateTime::parse_from_rfc3339(text).ok().map(|t| t.timestamp_micros())
 }
 
 #[cfg(test)]
@@ -506,36 +479,16 @@ mod tests {
     #[test]
     fn time_has_six_fractional_digits_and_z() {
         assert_eq!(format_time(0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(
-            format_time(1_700_000_000_123_456),
-            "2023-11-14T22:13:20.123456Z"
-        );
-        assert_eq!(
-            parse_time("2023-11-14T22:13:20.123456Z"),
-            Some(1_700_000_000_123_456)
-        );
+        assert_eq!(format_time(1_700_000_000_123_456), "2023-11-14T22:13:20.123456Z");
+        assert_eq!(parse_time("2023-11-14T22:13:20.123456Z"), Some(1_700_000_000_123_456));
     }
 
     #[test]
     fn event_types_follow_the_dotted_pattern() {
-        for ok in [
-            "factory.step_failed",
-            "a.b",
-            "sovereign.ipv6_gate_failed",
-            "x1.y_2.z",
-        ] {
+        for ok in ["factory.step_failed", "a.b", "sovereign.ipv6_gate_failed", "x1.y_2.z"] {
             assert_eq!(validate_event_type(ok), Ok(()), "{ok}");
         }
-        for bad in [
-            "",
-            "factory",
-            "Factory.step",
-            "factory.",
-            ".step",
-            "a..b",
-            "1a.b",
-            "a.b-c",
-        ] {
+        for bad in ["", "factory", "Factory.step", "factory.", ".step", "a..b", "1a.b", "a.b-c"] {
             assert!(validate_event_type(bad).is_err(), "{bad}");
         }
         assert!(validate_event_type(&format!("a.{}", "b".repeat(127))).is_err());
@@ -543,28 +496,13 @@ mod tests {
 
     #[test]
     fn severity_defaults_follow_the_table_then_the_rules() {
-        assert_eq!(
-            Severity::derive("system.safe_mode_enabled", true),
-            Severity::Critical
-        );
-        assert_eq!(
-            Severity::derive("factory.step_failed", true),
-            Severity::Error
-        );
-        assert_eq!(
-            Severity::derive("sovereign.bundle_quarantined", true),
-            Severity::Warning
-        );
+        assert_eq!(Severity::derive("system.safe_mode_enabled", true), Severity::Critical);
+        assert_eq!(Severity::derive("factory.step_failed", true), Severity::Error);
+        assert_eq!(Severity::derive("sovereign.bundle_quarantined", true), Severity::Warning);
         assert_eq!(Severity::derive("x.anything", false), Severity::Error);
-        assert_eq!(
-            Severity::derive("x.gate_check_failed", true),
-            Severity::Warning
-        );
+        assert_eq!(Severity::derive("x.gate_check_failed", true), Severity::Warning);
         assert_eq!(Severity::derive("x.call_blocked", true), Severity::Warning);
-        assert_eq!(
-            Severity::derive("factory.step_completed", true),
-            Severity::Info
-        );
+        assert_eq!(Severity::derive("factory.step_completed", true), Severity::Info);
     }
 
     #[test]
@@ -590,9 +528,7 @@ mod tests {
     #[test]
     fn any_edit_to_the_stored_bytes_is_detected() {
         let sealed = Record::seal(Draft::new("a.b", "me"), 1, 5, GENESIS_HASH).expect("seal");
-        let edited = String::from_utf8(sealed.bytes)
-            .expect("utf8")
-            .replace("\"me\"", "\"you\"");
+        let edited = String::from_utf8(sealed.bytes).expect("utf8").replace("\"me\"", "\"you\"");
         assert!(matches!(
             Record::decode_verified(edited.as_bytes()),
             Err(RecordProblem::HashMismatch { .. })

@@ -98,9 +98,7 @@ pub struct SledOptions {
 
 impl Default for SledOptions {
     fn default() -> SledOptions {
-        SledOptions {
-            cache_capacity: 64 * 1024 * 1024,
-        }
+        SledOptions { cache_capacity: 64 * 1024 * 1024 }
     }
 }
 
@@ -129,12 +127,7 @@ impl SledStore {
         faults: Arc<Faults>,
     ) -> Result<SledStore, StorageError> {
         let open = open_sled(dir, &options)?;
-        Ok(SledStore {
-            dir: dir.to_owned(),
-            options,
-            faults,
-            open: RwLock::new(Some(open)),
-        })
+        Ok(SledStore { dir: dir.to_owned(), options, faults, open: RwLock::new(Some(open)) })
     }
 
     fn with_open<T>(
@@ -161,9 +154,7 @@ impl SledStore {
             std::thread::sleep(Duration::from_millis(delay));
         }
         if self.faults.take_fsync_failure() {
-            return Err(StorageError::Io(std::io::Error::other(
-                "injected fsync failure",
-            )));
+            return Err(StorageError::Io(std::io::Error::other("injected fsync failure")));
         }
         open.log.sync_data()?;
         Ok(())
@@ -179,10 +170,7 @@ fn open_sled(dir: &Path, options: &SledOptions) -> Result<Open, StorageError> {
         .mode(sled::Mode::HighThroughput)
         .open()?;
     let events = db.open_tree(EVENTS_TREE)?;
-    let log = File::options()
-        .read(true)
-        .write(true)
-        .open(dir.join("db"))?;
+    let log = File::options().read(true).write(true).open(dir.join("db"))?;
     // Make the creation of sled's files durable too.
     log.sync_all()?;
     File::open(dir)?.sync_all()?;
@@ -194,9 +182,7 @@ fn key(seq: u64) -> [u8; 8] {
 }
 
 fn seq_of(key: &[u8]) -> Result<u64, StorageError> {
-    let bytes: [u8; 8] = key
-        .try_into()
-        .map_err(|_| StorageError::BadKey(key.to_vec()))?;
+    let bytes: [u8; 8] = key.try_into().map_err(|_| StorageError::BadKey(key.to_vec()))?;
     Ok(u64::from_be_bytes(bytes))
 }
 
@@ -272,7 +258,6 @@ impl Storage for SledStore {
     }
 
     fn size_on_disk(&self) -> u64 {
-        self.with_open(|open| Ok(open.db.size_on_disk()?))
-            .unwrap_or(0)
+        self.with_open(|open| Ok(open.db.size_on_disk()?)).unwrap_or(0)
     }
 }

@@ -100,11 +100,7 @@ impl ChainVerifier {
     fn missing_until(&mut self, seq: u64) {
         while self.next_seq < seq {
             let missing = self.next_seq;
-            self.damaged(
-                missing,
-                format!("seq {missing} is missing"),
-                "missing".to_owned(),
-            );
+            self.damaged(missing, format!("seq {missing} is missing"), "missing".to_owned());
             self.prev_hash = None;
             self.next_seq += 1;
         }
@@ -113,11 +109,7 @@ impl ChainVerifier {
     fn damaged(&mut self, seq: u64, problem: String, digest: String) {
         self.damage_total += 1;
         if self.damage.len() < MAX_LISTED_DAMAGE {
-            self.damage.push(Damage {
-                seq,
-                problem,
-                digest,
-            });
+            self.damage.push(Damage { seq, problem, digest });
         }
     }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::clock::Clock;
+use super::idempotency::{IdempotencyIndex, Lookup, draft_digest};
 use super::record::{Draft, Record, Sealed, Severity, format_time};
 use super::store::Storage;
 use super::{AppendError, Appended, StorageHealth};
@@ -27,13 +28,8 @@ const QUEUE_DEPTH: usize = 4096;
 const RECOVERY_INTERVAL: Duration = Duration::from_millis(500);
 
 pub(super) enum Command {
-    Append {
-        drafts: Vec<Draft>,
-        reply: oneshot::Sender<Result<Vec<Appended>, AppendError>>,
-    },
-    Shutdown {
-        done: oneshot::Sender<()>,
-    },
+    Append { drafts: Vec<Draft>, reply: oneshot::Sender<Result<Vec<Appended>, AppendError>> },
+    Shutdown { done: oneshot::Sender<()> },
 }
 
 struct Writer {
@@ -41,6 +37,9 @@ struct Writer {
     clock: Arc<dyn Clock>,
     committed: Arc<State>,
     pending: State,
+    /// Idempotency keys as of the pending state; keys staged in the current batch are undone
+    /// if it fails.
+    index: IdempotencyIndex,
     /// True while the clock is behind the head's time and the regression has been recorded.
     regressing: bool,
     fault: Option<String>,
@@ -60,18 +59,18 @@ type Spawned = (
 pub(super) fn spawn(
     store: Option<Arc<dyn Storage>>,
     state: State,
+    index: IdempotencyIndex,
     clock: Arc<dyn Clock>,
     fault: Option<String>,
 ) -> Spawned {
     let (commands, queue) = mpsc::channel(QUEUE_DEPTH);
     let committed = Arc::new(state);
     let (state_tx, state_rx) = watch::channel(committed.clone());
-    let (health_tx, health_rx) = watch::channel(StorageHealth {
-        fault: fault.clone(),
-    });
+    let (health_tx, health_rx) = watch::channel(StorageHealth { fault: fault.clone() });
     let writer = Writer {
         pending: (*committed).clone(),
         committed,
+        index,
         store,
         clock,
         regressing: false,
@@ -133,6 +132,7 @@ impl Writer {
         let mut answers = Vec::new();
         let mut stop = None;
         let time = self.batch_time(&mut staged);
+        self.index.expire(time);
         for command in batch {
             match command {
                 Command::Append { drafts, reply } => {
@@ -179,10 +179,8 @@ impl Writer {
         let Some(store) = self.store.clone() else {
             return Err("storage is not open".into());
         };
-        let records: Vec<(u64, &[u8])> = staged
-            .iter()
-            .map(|s| (s.record.seq, s.bytes.as_slice()))
-            .collect();
+        let records: Vec<(u64, &[u8])> =
+            staged.iter().map(|s| (s.record.seq, s.bytes.as_slice())).collect();
         match store.append(&records) {
             Ok(()) => {
                 self.committed = Arc::new(self.pending.clone());
@@ -190,6 +188,9 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
+                for record in staged {
+                    self.index.remove(&record.record);
+                }
                 let fault = format!("append failed: {e}");
                 tracing::error!(error = %e, batch = staged.len(), "ledger append failed; nothing in the batch is acknowledged");
                 self.pending = (*self.committed).clone();
@@ -201,7 +202,8 @@ impl Writer {
         }
     }
 
-    /// Seals `drafts` after the pending head; all of them or none.
+    /// Seals `drafts` after the pending head; all of them or none. A draft whose idempotency
+    /// key was seen with the same payload is answered with the original and not appended.
     fn stage(
         &mut self,
         drafts: Vec<Draft>,
@@ -210,21 +212,45 @@ impl Writer {
     ) -> Result<Vec<Appended>, AppendError> {
         let mut seq = self.pending.head.seq;
         let mut prev_hash = self.pending.head.hash.clone();
-        let mut sealed = Vec::with_capacity(drafts.len());
-        for (index, draft) in drafts.into_iter().enumerate() {
+        let mut sealed: Vec<Sealed> = Vec::with_capacity(drafts.len());
+        let mut appended = Vec::with_capacity(drafts.len());
+        let undo = |index: &mut IdempotencyIndex, sealed: &[Sealed]| {
+            for record in sealed {
+                index.remove(&record.record);
+            }
+        };
+        for (i, draft) in drafts.into_iter().enumerate() {
+            if let Some(key) = &draft.idempotency_key {
+                match self.index.lookup(&draft.source, key, &draft_digest(&draft)) {
+                    Lookup::New => {}
+                    Lookup::Duplicate { seq, hash } => {
+                        appended.push(Appended { seq, hash, duplicate: true });
+                        continue;
+                    }
+                    Lookup::Conflict { seq } => {
+                        undo(&mut self.index, &sealed);
+                        return Err(AppendError::KeyConflict { index: i, key: key.clone(), seq });
+                    }
+                }
+            }
             seq += 1;
-            let record = Record::seal(draft, seq, time, &prev_hash)
-                .map_err(|source| AppendError::TooLarge { index, source })?;
+            let record = match Record::seal(draft, seq, time, &prev_hash) {
+                Ok(record) => record,
+                Err(source) => {
+                    undo(&mut self.index, &sealed);
+                    return Err(AppendError::TooLarge { index: i, source });
+                }
+            };
             prev_hash.clone_from(&record.record.hash);
+            // Remembered at once, so that a repeat later in the same batch is a duplicate.
+            self.index.insert(&record.record);
+            appended.push(Appended {
+                seq: record.record.seq,
+                hash: record.record.hash.clone(),
+                duplicate: false,
+            });
             sealed.push(record);
         }
-        let appended = sealed
-            .iter()
-            .map(|s| Appended {
-                seq: s.record.seq,
-                hash: s.record.hash.clone(),
-            })
-            .collect();
         for record in &sealed {
             self.pending.apply(&record.record);
         }
@@ -266,10 +292,8 @@ impl Writer {
             return;
         };
         let head = self.committed.head.seq;
-        let recovered = store
-            .reopen()
-            .and_then(|()| store.truncate_after(head))
-            .and_then(|()| store.head());
+        let recovered =
+            store.reopen().and_then(|()| store.truncate_after(head)).and_then(|()| store.head());
         match recovered {
             Ok(found) if found.unwrap_or(0) == head => {
                 tracing::info!(head, "ledger storage recovered");

@@ -17,19 +17,9 @@ fn assert_canonical_and_hashed(stored: &str) {
     let jcs = serde_jcs::to_string(&value).expect("serde_jcs serialises");
     assert_eq!(stored, jcs, "stored bytes are not the JCS form");
     let mut unhashed = value.clone();
-    let hash = unhashed
-        .as_object_mut()
-        .expect("an object")
-        .remove("hash")
-        .expect("has a hash");
-    let digest = hex::encode(Sha256::digest(
-        serde_jcs::to_vec(&unhashed).expect("serialises"),
-    ));
-    assert_eq!(
-        hash,
-        Value::String(digest),
-        "hash is not sha256(JCS(record without hash))"
-    );
+    let hash = unhashed.as_object_mut().expect("an object").remove("hash").expect("has a hash");
+    let digest = hex::encode(Sha256::digest(serde_jcs::to_vec(&unhashed).expect("serialises")));
+    assert_eq!(hash, Value::String(digest), "hash is not sha256(JCS(record without hash))");
     let reparsed = Record::decode_verified(stored.as_bytes()).expect("re-parses and verifies");
     assert_eq!(serde_json::to_value(&reparsed).expect("serialises"), value);
 }
@@ -66,10 +56,7 @@ async fn every_stored_record_hashes_to_sha256_of_its_jcs_form() {
             ..Default::default()
         };
         audit
-            .record(pb::RecordRequest {
-                event: Some(event),
-                idempotency_key: String::new(),
-            })
+            .record(pb::RecordRequest { event: Some(event), idempotency_key: String::new() })
             .await
             .expect("recorded");
     }
@@ -82,11 +69,7 @@ async fn every_stored_record_hashes_to_sha256_of_its_jcs_form() {
     let empty_metadata = record_of(&events[1]);
     assert_eq!(empty_metadata["metadata"], serde_json::json!({}));
     assert_eq!(empty_metadata["reason"], Value::String(unusual[1].into()));
-    assert_eq!(
-        record_of(&events[2])["reason"],
-        Value::Null,
-        "empty means absent"
-    );
+    assert_eq!(record_of(&events[2])["reason"], Value::Null, "empty means absent");
 }
 
 #[test]
@@ -120,10 +103,7 @@ fn the_canonicalisation_corpus_matches_an_independent_jcs() {
 #[test]
 fn a_hand_checked_vector_hashes_as_documented() {
     // Worked by hand from RFC 8785: keys sorted, no whitespace, "\u000f" lowercase-hex escaped.
-    let draft = Draft {
-        reason: Some("\u{f}é".into()),
-        ..Draft::new("a.b", "anonymous")
-    };
+    let draft = Draft { reason: Some("\u{f}é".into()), ..Draft::new("a.b", "anonymous") };
     let sealed = Record::seal(draft, 1, 0, GENESIS_HASH).expect("seals");
     let expected_body = concat!(
         r#"{"bundle_id":null,"error":null,"event_type":"a.b","idempotency_key":null,"#,
@@ -132,8 +112,5 @@ fn a_hand_checked_vector_hashes_as_documented() {
         r#""reason":"\u000fé","seq":1,"severity":"info","source":"anonymous","success":true,"#,
         r#""time":"1970-01-01T00:00:00.000000Z","triggered_by":null,"v":1}"#
     );
-    assert_eq!(
-        sealed.record.hash,
-        hex::encode(Sha256::digest(expected_body.as_bytes()))
-    );
+    assert_eq!(sealed.record.hash, hex::encode(Sha256::digest(expected_body.as_bytes())));
 }

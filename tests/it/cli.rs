@@ -25,8 +25,7 @@ async fn run(server: &str, args: &[&str]) -> (Option<i32>, String, String) {
 #[tokio::test]
 async fn audit_list_prints_stored_records_as_json_and_as_a_table() {
     let app = spawn_app().await;
-    app.record("factory.step_failed", "timeout after 300 s")
-        .await;
+    app.record("factory.step_failed", "timeout after 300 s").await;
     app.record("factory.rollback_started", "step failed").await;
     let server = format!("http://{}", app.grpc_addr);
     let (code, stdout, stderr) = run(&server, &["audit", "list", "-o", "json"]).await;
@@ -38,11 +37,8 @@ async fn audit_list_prints_stored_records_as_json_and_as_a_table() {
     assert_eq!(events[0]["severity"], "error");
     assert_eq!(listed["next_after_seq"], 0);
 
-    let (code, stdout, _) = run(
-        &server,
-        &["audit", "list", "--type-prefix", "factory.rollback"],
-    )
-    .await;
+    let (code, stdout, _) =
+        run(&server, &["audit", "list", "--type-prefix", "factory.rollback"]).await;
     assert_eq!(code, Some(0));
     assert!(
         stdout.contains("factory.rollback_started") && !stdout.contains("factory.step_failed"),
@@ -59,17 +55,12 @@ async fn audit_verify_exits_0_when_valid_and_1_when_broken() {
     let server = format!("http://{}", app.grpc_addr);
     let (code, stdout, _) = run(&server, &["audit", "verify"]).await;
     assert_eq!(code, Some(0));
-    assert!(
-        stdout.starts_with("chain valid: 2 records checked"),
-        "{stdout}"
-    );
+    assert!(stdout.starts_with("chain valid: 2 records checked"), "{stdout}");
     app.stop().await;
 
     let store = SledStore::open(dir.path(), SledOptions::default(), Arc::default()).expect("opens");
     let bytes = store.get(1).expect("reads").expect("stored");
-    let edited = String::from_utf8(bytes)
-        .expect("utf8")
-        .replace("one", "uno");
+    let edited = String::from_utf8(bytes).expect("utf8").replace("one", "uno");
     store.append(&[(1, edited.as_bytes())]).expect("writes");
     drop(store);
 

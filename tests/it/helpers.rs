@@ -101,10 +101,7 @@ impl TestApp {
     pub async fn stop(mut self) -> Option<TempDir> {
         self.begin_stop();
         let running = std::mem::replace(&mut self.running, tokio::spawn(async { Ok(()) }));
-        running
-            .await
-            .expect("the server task ends")
-            .expect("the server stops cleanly");
+        running.await.expect("the server task ends").expect("the server stops cleanly");
         self._dir.take()
     }
 
@@ -137,11 +134,7 @@ impl TestApp {
 }
 
 pub fn event(event_type: &str, reason: &str) -> pb::Event {
-    pb::Event {
-        event_type: event_type.into(),
-        reason: reason.into(),
-        ..Default::default()
-    }
+    pb::Event { event_type: event_type.into(), reason: reason.into(), ..Default::default() }
 }
 
 pub async fn list_all(
@@ -151,11 +144,7 @@ pub async fn list_all(
     request.page_size = Some(1000);
     let mut events = Vec::new();
     loop {
-        let page = client
-            .list(request.clone())
-            .await
-            .expect("List answers")
-            .into_inner();
+        let page = client.list(request.clone()).await.expect("List answers").into_inner();
         events.extend(page.events);
         if page.next_after_seq == 0 {
             return events;
@@ -199,10 +188,7 @@ pub fn serve_process(data_dir: &Path, env: &[(&str, &str)]) -> ServeProcess {
     let stderr = child.stderr.take().expect("piped");
     let (lines, logs) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
             if std::env::var_os("TEST_LOG").is_some() {
                 eprintln!("{line}");
             }
@@ -212,11 +198,8 @@ pub fn serve_process(data_dir: &Path, env: &[(&str, &str)]) -> ServeProcess {
         }
     });
     // From here on, Drop kills and reaps the child whatever happens.
-    let mut process = ServeProcess {
-        child,
-        grpc_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        _logs: logs,
-    };
+    let mut process =
+        ServeProcess { child, grpc_addr: SocketAddr::from(([0, 0, 0, 0], 0)), _logs: logs };
     loop {
         let line = process
             ._logs
@@ -226,11 +209,8 @@ pub fn serve_process(data_dir: &Path, env: &[(&str, &str)]) -> ServeProcess {
             continue;
         };
         if entry["message"] == "brain-ops serving" {
-            process.grpc_addr = entry["grpc"]
-                .as_str()
-                .expect("address")
-                .parse()
-                .expect("socket address");
+            process.grpc_addr =
+                entry["grpc"].as_str().expect("address").parse().expect("socket address");
             return process;
         }
     }
@@ -261,10 +241,7 @@ impl ServeProcess {
             if let Some(status) = self.child.try_wait().expect("waits") {
                 return status.code();
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the process did not exit"
-            );
+            assert!(std::time::Instant::now() < deadline, "the process did not exit");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
@@ -280,18 +257,12 @@ impl Drop for ServeProcess {
 /// An HTTP/1.1 GET on the metrics port: (status code, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connects");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connects");
     let request = format!("GET {path} HTTP/1.1\r\nHost: brain-ops\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("writes");
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("reads");
-    let code = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status line");
+    let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("a status line");
     let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
     (code, body)
 }

@@ -35,11 +35,7 @@ async fn assert_frozen_by_integrity_at(dir: &Path, bad_seq: u64) {
     let status = app.status().await;
     assert!(status.enabled, "the service starts frozen");
     assert_eq!(status.source(), pb::SafeModeSource::Integrity);
-    assert!(
-        status.reason.contains(&format!("seq {bad_seq}")),
-        "{}",
-        status.reason
-    );
+    assert!(status.reason.contains(&format!("seq {bad_seq}")), "{}", status.reason);
 
     let report = app
         .audit()
@@ -69,10 +65,7 @@ async fn assert_frozen_by_integrity_at(dir: &Path, bad_seq: u64) {
 async fn an_altered_record_starts_the_service_frozen_naming_its_seq() {
     let dir = populated_ledger().await;
     tamper(dir.path(), 3, |bytes| {
-        String::from_utf8(bytes)
-            .expect("utf8")
-            .replace("event 3", "event X")
-            .into_bytes()
+        String::from_utf8(bytes).expect("utf8").replace("event 3", "event X").into_bytes()
     });
     assert_frozen_by_integrity_at(dir.path(), 3).await;
 }
@@ -116,18 +109,12 @@ async fn known_damage_is_reported_once_and_keeps_the_service_frozen_across_resta
         .iter()
         .filter(|e| e.event_type == "system.integrity_violation")
         .count();
-    assert_eq!(
-        violations, 1,
-        "the same damage is not reported at every restart"
-    );
+    assert_eq!(violations, 1, "the same damage is not reported at every restart");
     // Appends after the damaged head still chain: everything after seq 5 verifies.
     let appended = app.record("test.after_damage", "later").await;
     let report = app
         .audit()
-        .verify_chain(pb::VerifyChainRequest {
-            from_seq: 6,
-            to_seq: appended.seq,
-        })
+        .verify_chain(pb::VerifyChainRequest { from_seq: 6, to_seq: appended.seq })
         .await
         .expect("verifies")
         .into_inner();

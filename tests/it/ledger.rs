@@ -60,34 +60,18 @@ async fn a_clock_stepped_back_keeps_time_monotonic_and_records_the_regression() 
     let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     assert_eq!(
         types,
-        [
-            "test.before_step",
-            "system.clock_regression",
-            "test.after_step",
-            "test.after_step"
-        ],
+        ["test.before_step", "system.clock_regression", "test.after_step", "test.after_step"],
         "the regression is recorded once, before the first event stamped during it"
     );
-    let times: Vec<String> = events
-        .iter()
-        .map(|e| record_of(e)["time"].as_str().expect("time").to_owned())
-        .collect();
-    assert!(
-        times.windows(2).all(|w| w[0] <= w[1]),
-        "times never decrease: {times:?}"
-    );
+    let times: Vec<String> =
+        events.iter().map(|e| record_of(e)["time"].as_str().expect("time").to_owned()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "times never decrease: {times:?}");
     assert_eq!(times[1], times[0], "the previous time is reused");
     let regression = record_of(&events[1]);
     assert_eq!(regression["severity"], "warning");
-    let step: i64 = regression["metadata"]["step_micros"]
-        .as_str()
-        .expect("step")
-        .parse()
-        .expect("int");
-    assert!(
-        step >= 3_600_000_000 - 60_000_000,
-        "the step is recorded: {step}"
-    );
+    let step: i64 =
+        regression["metadata"]["step_micros"].as_str().expect("step").parse().expect("int");
+    assert!(step >= 3_600_000_000 - 60_000_000, "the step is recorded: {step}");
 }
 
 #[tokio::test]
@@ -106,24 +90,14 @@ async fn a_failed_fsync_acknowledges_nothing_and_later_appends_continue_the_chai
         .expect_err("the append fails");
     assert_eq!(failed.code(), Code::Unavailable);
     let next = app.record("test.durable", "after the fault").await;
-    assert_eq!(
-        next.seq,
-        first.seq + 1,
-        "the failed batch left no seq behind"
-    );
+    assert_eq!(next.seq, first.seq + 1, "the failed batch left no seq behind");
     app.stop().await;
 
     let app = spawn_app_in(dir.path(), |_| {}).await;
     let events = app.list_all().await;
-    let reasons: Vec<String> = events
-        .iter()
-        .map(|e| record_of(e)["reason"].as_str().unwrap_or("").to_owned())
-        .collect();
-    assert_eq!(
-        reasons,
-        ["kept", "after the fault"],
-        "nothing of the failed batch is readable"
-    );
+    let reasons: Vec<String> =
+        events.iter().map(|e| record_of(e)["reason"].as_str().unwrap_or("").to_owned()).collect();
+    assert_eq!(reasons, ["kept", "after the fault"], "nothing of the failed batch is readable");
     let verified = app
         .audit()
         .verify_chain(pb::VerifyChainRequest::default())
@@ -131,10 +105,7 @@ async fn a_failed_fsync_acknowledges_nothing_and_later_appends_continue_the_chai
         .expect("verifies")
         .into_inner();
     assert!(verified.valid, "{verified:?}");
-    assert!(
-        !app.status().await.enabled,
-        "a recovered fault does not freeze"
-    );
+    assert!(!app.status().await.enabled, "a recovered fault does not freeze");
 }
 
 #[tokio::test]
@@ -143,18 +114,9 @@ async fn a_batch_is_all_or_nothing_and_the_error_names_the_record_and_field() {
     let mut bad_metadata = event("test.ok", "fine");
     bad_metadata.metadata.insert("Bad Key".into(), "v".into());
     let records = vec![
-        pb::BatchRecord {
-            event: Some(event("test.ok", "first")),
-            idempotency_key: String::new(),
-        },
-        pb::BatchRecord {
-            event: Some(event("test.ok", "second")),
-            idempotency_key: String::new(),
-        },
-        pb::BatchRecord {
-            event: Some(bad_metadata),
-            idempotency_key: String::new(),
-        },
+        pb::BatchRecord { event: Some(event("test.ok", "first")), idempotency_key: String::new() },
+        pb::BatchRecord { event: Some(event("test.ok", "second")), idempotency_key: String::new() },
+        pb::BatchRecord { event: Some(bad_metadata), idempotency_key: String::new() },
     ];
     let error = app
         .audit()
@@ -162,15 +124,8 @@ async fn a_batch_is_all_or_nothing_and_the_error_names_the_record_and_field() {
         .await
         .expect_err("the batch is refused");
     assert_eq!(error.code(), Code::InvalidArgument);
-    assert!(
-        error.message().starts_with("records[2].event.metadata"),
-        "{}",
-        error.message()
-    );
-    assert!(
-        app.list_all().await.is_empty(),
-        "nothing of the batch was stored"
-    );
+    assert!(error.message().starts_with("records[2].event.metadata"), "{}", error.message());
+    assert!(app.list_all().await.is_empty(), "nothing of the batch was stored");
 
     let error = app
         .audit()
@@ -182,18 +137,11 @@ async fn a_batch_is_all_or_nothing_and_the_error_names_the_record_and_field() {
         })
         .await
         .expect_err("refused");
-    assert!(
-        error.message().starts_with("records[0].event.event_type"),
-        "{}",
-        error.message()
-    );
+    assert!(error.message().starts_with("records[0].event.event_type"), "{}", error.message());
 
     let error = app
         .audit()
-        .record(pb::RecordRequest {
-            event: None,
-            idempotency_key: String::new(),
-        })
+        .record(pb::RecordRequest { event: None, idempotency_key: String::new() })
         .await
         .expect_err("refused");
     assert_eq!(error.code(), Code::InvalidArgument);
@@ -216,10 +164,7 @@ async fn a_batch_answers_in_request_order_after_all_are_durable() {
         .expect("recorded")
         .into_inner()
         .results;
-    assert_eq!(
-        results.iter().map(|r| r.seq).collect::<Vec<_>>(),
-        (1..=100).collect::<Vec<_>>()
-    );
+    assert_eq!(results.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=100).collect::<Vec<_>>());
     let events = app.list_all().await;
     for (result, event) in results.iter().zip(&events) {
         assert_eq!(result.hash, event.hash);
@@ -253,10 +198,7 @@ async fn secret_looking_metadata_is_redacted_before_it_is_stored() {
     e.metadata.insert("db.password".into(), "hunter2".into());
     e.metadata.insert("expected_hash".into(), "abc".into());
     app.audit()
-        .record(pb::RecordRequest {
-            event: Some(e),
-            idempotency_key: String::new(),
-        })
+        .record(pb::RecordRequest { event: Some(e), idempotency_key: String::new() })
         .await
         .expect("recorded");
     let stored = &app.list_all().await[0];
@@ -276,18 +218,11 @@ async fn a_record_over_16_kib_is_refused_saying_so() {
     }
     let error = app
         .audit()
-        .record(pb::RecordRequest {
-            event: Some(e),
-            idempotency_key: String::new(),
-        })
+        .record(pb::RecordRequest { event: Some(e), idempotency_key: String::new() })
         .await
         .expect_err("too large");
     assert_eq!(error.code(), Code::InvalidArgument);
-    assert!(
-        error.message().contains("at most 16384"),
-        "{}",
-        error.message()
-    );
+    assert!(error.message().contains("at most 16384"), "{}", error.message());
 }
 
 /// A producer event whose canonical record is just under the 16 KiB limit.
@@ -313,21 +248,109 @@ async fn no_blob_file_appears_after_10000_maximum_size_records() {
                 idempotency_key: String::new(),
             })
             .collect();
-        audit
-            .record_batch(pb::RecordBatchRequest { records })
-            .await
-            .expect("recorded");
+        audit.record_batch(pb::RecordBatchRequest { records }).await.expect("recorded");
     }
     let last = app.list_all().await.pop().expect("records");
     assert_eq!(last.seq, 10_000);
     let size = last.record_json.len();
-    assert!(
-        (15 * 1024..=16 * 1024).contains(&size),
-        "records are near the limit: {size}"
-    );
+    assert!((15 * 1024..=16 * 1024).contains(&size), "records are near the limit: {size}");
     let blobs = app.data_dir.join("blobs");
     let entries: Vec<_> = std::fs::read_dir(&blobs)
         .map(|dir| dir.filter_map(Result::ok).map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(entries.is_empty(), "sled wrote blob files: {entries:?}");
+}
+
+fn keyed(reason: &str, key: &str) -> pb::RecordRequest {
+    pb::RecordRequest { event: Some(event("test.keyed", reason)), idempotency_key: key.into() }
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_answers_the_original_and_appends_nothing() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    let mut audit = app.audit();
+    let first = audit.record(keyed("once", "k-1")).await.expect("recorded").into_inner();
+    assert!(!first.duplicate);
+    let again = audit.record(keyed("once", "k-1")).await.expect("answered").into_inner();
+    assert_eq!((again.seq, &again.hash, again.duplicate), (first.seq, &first.hash, true));
+    app.stop().await;
+
+    // The index is rebuilt from the ledger, so a retry after a restart is still recognised.
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    let after_restart = app.audit().record(keyed("once", "k-1")).await.expect("answered");
+    let after_restart = after_restart.into_inner();
+    assert_eq!((after_restart.seq, after_restart.duplicate), (first.seq, true));
+    assert_eq!(app.list_all().await.len(), 1, "retries appended nothing");
+}
+
+#[tokio::test]
+async fn the_same_key_with_a_different_payload_is_already_exists() {
+    let app = spawn_app().await;
+    let mut audit = app.audit();
+    audit.record(keyed("original", "k-2")).await.expect("recorded");
+    let conflict = audit.record(keyed("changed", "k-2")).await.expect_err("conflict");
+    assert_eq!(conflict.code(), Code::AlreadyExists);
+    assert!(conflict.message().contains("idempotency_key \"k-2\""), "{}", conflict.message());
+    assert_eq!(app.list_all().await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_key_repeated_inside_one_batch_is_appended_once() {
+    let app = spawn_app().await;
+    let record = |reason: &str, key: &str| pb::BatchRecord {
+        event: Some(event("test.keyed", reason)),
+        idempotency_key: key.into(),
+    };
+    let results = app
+        .audit()
+        .record_batch(pb::RecordBatchRequest {
+            records: vec![record("a", "k"), record("b", ""), record("a", "k")],
+        })
+        .await
+        .expect("recorded")
+        .into_inner()
+        .results;
+    let answers: Vec<(u64, bool)> = results.iter().map(|r| (r.seq, r.duplicate)).collect();
+    assert_eq!(answers, [(1, false), (2, false), (1, true)]);
+    assert_eq!(app.list_all().await.len(), 2);
+
+    let conflict = app
+        .audit()
+        .record_batch(pb::RecordBatchRequest {
+            records: vec![record("c", "new"), record("z", "k")],
+        })
+        .await
+        .expect_err("the second record conflicts");
+    assert_eq!(conflict.code(), Code::AlreadyExists);
+    assert!(conflict.message().starts_with("records[1].idempotency_key"), "{}", conflict.message());
+    let retry = app
+        .audit()
+        .record_batch(pb::RecordBatchRequest { records: vec![record("c", "new")] })
+        .await
+        .expect("the refused batch left no key behind")
+        .into_inner();
+    assert!(!retry.results[0].duplicate);
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_be_opened_serves_frozen_and_refuses_appends() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let not_a_dir = dir.path().join("data");
+    std::fs::write(&not_a_dir, b"this is a file, not a directory").expect("writes");
+    let app = spawn_app_in(&not_a_dir, |_| {}).await;
+    let status = app.status().await;
+    assert!(status.enabled, "no ledger means nothing may run");
+    assert_eq!(status.source(), pb::SafeModeSource::Storage);
+    let refused = app
+        .audit()
+        .record(pb::RecordRequest {
+            event: Some(event("test.x", "y")),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect_err("nothing can be appended");
+    assert_eq!(refused.code(), Code::Unavailable);
+    let listed = app.audit().list(pb::AuditServiceListRequest::default()).await;
+    assert_eq!(listed.expect_err("no store to read").code(), Code::Unavailable);
 }

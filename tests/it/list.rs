@@ -14,38 +14,20 @@ async fn list_error(
     app: &crate::helpers::TestApp,
     request: pb::AuditServiceListRequest,
 ) -> tonic::Status {
-    app.audit()
-        .list(request)
-        .await
-        .expect_err("the request is refused")
+    app.audit().list(request).await.expect_err("the request is refused")
 }
 
 #[tokio::test]
 async fn bad_list_input_is_invalid_argument_naming_the_field() {
     let app = spawn_app().await;
-    let inverted = pb::AuditServiceListRequest {
-        from: ts(2_000),
-        to: ts(1_000),
-        ..Default::default()
-    };
-    let equal = pb::AuditServiceListRequest {
-        from: ts(1_000),
-        to: ts(1_000),
-        ..Default::default()
-    };
-    let zero = pb::AuditServiceListRequest {
-        page_size: Some(0),
-        ..Default::default()
-    };
-    let huge = pb::AuditServiceListRequest {
-        page_size: Some(1_000_000),
-        ..Default::default()
-    };
+    let inverted =
+        pb::AuditServiceListRequest { from: ts(2_000), to: ts(1_000), ..Default::default() };
+    let equal =
+        pb::AuditServiceListRequest { from: ts(1_000), to: ts(1_000), ..Default::default() };
+    let zero = pb::AuditServiceListRequest { page_size: Some(0), ..Default::default() };
+    let huge = pb::AuditServiceListRequest { page_size: Some(1_000_000), ..Default::default() };
     let nanos = pb::AuditServiceListRequest {
-        from: Some(Timestamp {
-            seconds: 1,
-            nanos: -1,
-        }),
+        from: Some(Timestamp { seconds: 1, nanos: -1 }),
         ..Default::default()
     };
     for (request, field) in [
@@ -57,11 +39,7 @@ async fn bad_list_input_is_invalid_argument_naming_the_field() {
     ] {
         let status = list_error(&app, request).await;
         assert_eq!(status.code(), Code::InvalidArgument);
-        assert!(
-            status.message().starts_with(field),
-            "{field}: {}",
-            status.message()
-        );
+        assert!(status.message().starts_with(field), "{field}: {}", status.message());
     }
 }
 
@@ -73,37 +51,22 @@ async fn bad_verify_ranges_are_invalid_argument_naming_the_field() {
     }
     let mut audit = app.audit();
     let beyond = audit
-        .verify_chain(pb::VerifyChainRequest {
-            from_seq: 1,
-            to_seq: 4,
-        })
+        .verify_chain(pb::VerifyChainRequest { from_seq: 1, to_seq: 4 })
         .await
         .expect_err("beyond the head");
     assert_eq!(beyond.code(), Code::InvalidArgument);
     assert!(
-        beyond
-            .message()
-            .starts_with("to_seq 4 is beyond the head seq 3"),
+        beyond.message().starts_with("to_seq 4 is beyond the head seq 3"),
         "{}",
         beyond.message()
     );
     let inverted = audit
-        .verify_chain(pb::VerifyChainRequest {
-            from_seq: 3,
-            to_seq: 2,
-        })
+        .verify_chain(pb::VerifyChainRequest { from_seq: 3, to_seq: 2 })
         .await
         .expect_err("inverted");
-    assert!(
-        inverted.message().starts_with("from_seq"),
-        "{}",
-        inverted.message()
-    );
+    assert!(inverted.message().starts_with("from_seq"), "{}", inverted.message());
     let part = audit
-        .verify_chain(pb::VerifyChainRequest {
-            from_seq: 2,
-            to_seq: 3,
-        })
+        .verify_chain(pb::VerifyChainRequest { from_seq: 2, to_seq: 3 })
         .await
         .expect("a sub-range verifies")
         .into_inner();
@@ -135,16 +98,9 @@ async fn pages_return_every_event_once_in_seq_order() {
     }
     let mut audit = app.audit();
     let mut seen = Vec::new();
-    let mut request = pb::AuditServiceListRequest {
-        page_size: Some(7),
-        ..Default::default()
-    };
+    let mut request = pb::AuditServiceListRequest { page_size: Some(7), ..Default::default() };
     loop {
-        let page = audit
-            .list(request.clone())
-            .await
-            .expect("lists")
-            .into_inner();
+        let page = audit.list(request.clone()).await.expect("lists").into_inner();
         assert!(page.events.len() <= 7);
         seen.extend(page.events.iter().map(|e| e.seq));
         if page.next_after_seq == 0 {
@@ -164,10 +120,7 @@ async fn the_type_prefix_and_half_open_time_range_filter() {
     let mut audit = app.audit();
     let factory = list_all(
         &mut audit,
-        pb::AuditServiceListRequest {
-            event_type_prefix: "factory.".into(),
-            ..Default::default()
-        },
+        pb::AuditServiceListRequest { event_type_prefix: "factory.".into(), ..Default::default() },
     )
     .await;
     assert_eq!(factory.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 3]);
@@ -176,31 +129,16 @@ async fn the_type_prefix_and_half_open_time_range_filter() {
     let second = all[1].time.expect("time");
     let from_second = list_all(
         &mut audit,
-        pb::AuditServiceListRequest {
-            from: Some(second),
-            ..Default::default()
-        },
+        pb::AuditServiceListRequest { from: Some(second), ..Default::default() },
     )
     .await;
-    assert!(
-        from_second
-            .iter()
-            .all(|e| e.time.expect("time").seconds >= second.seconds)
-    );
+    assert!(from_second.iter().all(|e| e.time.expect("time").seconds >= second.seconds));
     assert!(from_second.iter().any(|e| e.seq == 2), "from is inclusive");
     let before_second = list_all(
         &mut audit,
-        pb::AuditServiceListRequest {
-            to: Some(second),
-            ..Default::default()
-        },
+        pb::AuditServiceListRequest { to: Some(second), ..Default::default() },
     )
     .await;
-    assert!(
-        before_second
-            .iter()
-            .all(|e| e.seq < 2 || e.time != Some(second)),
-        "to is exclusive"
-    );
+    assert!(before_second.iter().all(|e| e.seq < 2 || e.time != Some(second)), "to is exclusive");
     assert_eq!(record_of(&all[1])["event_type"], "sovereign.mode_changed");
 }

@@ -14,9 +14,7 @@ use crate::helpers::{event, http_get, serve_process, spawn_app, spawn_app_in};
 
 async fn health_of(channel: tonic::transport::Channel, service: &str) -> ServingStatus {
     HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
+        .check(HealthCheckRequest { service: service.into() })
         .await
         .expect("health answers")
         .into_inner()
@@ -56,18 +54,12 @@ async fn shutdown_reports_not_serving_refuses_new_calls_and_finishes_calls_in_fl
     // The call is in flight once the writer is syncing it; wait on that explicit signal.
     let mut state = app.ledger.subscribe();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        state.borrow_and_update().head.seq,
-        0,
-        "the call is still in flight"
-    );
+    assert_eq!(state.borrow_and_update().head.seq, 0, "the call is still in flight");
     app.begin_stop();
     let mut health = HealthClient::new(app.channel.clone());
     let status = loop {
         let status = health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
+            .check(HealthCheckRequest { service: String::new() })
             .await
             .expect("health answers while draining")
             .into_inner()
@@ -87,20 +79,13 @@ async fn shutdown_reports_not_serving_refuses_new_calls_and_finishes_calls_in_fl
         .await
         .expect_err("new calls are refused while draining");
     assert_eq!(refused.code(), Code::Unavailable);
-    let answered = in_flight
-        .await
-        .expect("task")
-        .expect("the call in flight completes");
+    let answered = in_flight.await.expect("task").expect("the call in flight completes");
     assert_eq!(answered.into_inner().seq, 1);
     let dir = app.data_dir.clone();
     let kept = app.stop().await;
     let app = spawn_app_in(&dir, |_| {}).await;
     let events = app.list_all().await;
-    assert_eq!(
-        events.len(),
-        1,
-        "the call in flight is durable, the refused one is not"
-    );
+    assert_eq!(events.len(), 1, "the call in flight is durable, the refused one is not");
     drop(kept);
 }
 
@@ -135,10 +120,7 @@ async fn reflection_v1_and_v1alpha_list_all_five_services() {
         };
         let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
         for service in expected {
-            assert!(
-                names.iter().any(|n| n == service),
-                "v1 lacks {service}: {names:?}"
-            );
+            assert!(names.iter().any(|n| n == service), "v1 lacks {service}: {names:?}");
         }
     }
     {
@@ -162,10 +144,7 @@ async fn reflection_v1_and_v1alpha_list_all_five_services() {
         };
         let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
         for service in expected {
-            assert!(
-                names.iter().any(|n| n == service),
-                "v1alpha lacks {service}: {names:?}"
-            );
+            assert!(names.iter().any(|n| n == service), "v1alpha lacks {service}: {names:?}");
         }
     }
 }
@@ -229,19 +208,10 @@ async fn sigterm_with_calls_in_flight_exits_0_and_loses_no_acknowledged_event() 
     assert_eq!(process.wait(), Some(0), "SIGTERM exits 0");
 
     let app = spawn_app_in(dir.path(), |_| {}).await;
-    let stored: std::collections::HashMap<u64, String> = app
-        .list_all()
-        .await
-        .into_iter()
-        .map(|e| (e.seq, e.hash))
-        .collect();
+    let stored: std::collections::HashMap<u64, String> =
+        app.list_all().await.into_iter().map(|e| (e.seq, e.hash)).collect();
     for ack in &acked {
-        assert_eq!(
-            stored.get(&ack.seq),
-            Some(&ack.hash),
-            "acknowledged seq {} is stored",
-            ack.seq
-        );
+        assert_eq!(stored.get(&ack.seq), Some(&ack.hash), "acknowledged seq {} is stored", ack.seq);
     }
     let report = app
         .audit()
@@ -266,16 +236,9 @@ async fn brain_safe_mode_freezes_at_start_and_the_freeze_survives_a_restart_with
     let app = spawn_app_in(dir.path(), |_| {}).await;
     let status = app.status().await;
     assert!(status.enabled, "BRAIN_SAFE_MODE unset never lifts a freeze");
-    assert_eq!(
-        status.revision, revision,
-        "the revision is the seq of the change"
-    );
+    assert_eq!(status.revision, revision, "the revision is the seq of the change");
     app.stop().await;
 
     let app = spawn_app_in(dir.path(), |config| config.safe_mode_at_start = true).await;
-    assert_eq!(
-        app.list_all().await.len(),
-        1,
-        "an existing freeze is not enabled twice"
-    );
+    assert_eq!(app.list_all().await.len(), 1, "an existing freeze is not enabled twice");
 }
