@@ -171,8 +171,13 @@ fn open_sled(dir: &Path, options: &SledOptions) -> Result<Open, StorageError> {
         .open()?;
     let events = db.open_tree(EVENTS_TREE)?;
     let log = File::options().read(true).write(true).open(dir.join("db"))?;
-    // Make the creation of sled's files durable too.
-    log.sync_all()?;
+    // Make sled's files (log, config, snapshots) and their directory entries durable too.
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_file() {
+            File::open(&path)?.sync_all()?;
+        }
+    }
     File::open(dir)?.sync_all()?;
     Ok(Open { db, events, log })
 }
