@@ -57,6 +57,9 @@ pub struct ServeArgs {
     /// sled's page cache in MiB.
     #[arg(long, env = "BRAIN_CACHE_MB", default_value = "64")]
     pub cache_mb: String,
+    /// Seconds between `Watch` heartbeats.
+    #[arg(long, env = "BRAIN_WATCH_HEARTBEAT_SECONDS", default_value = "5")]
+    pub watch_heartbeat_seconds: String,
     /// Hours an idempotency key is remembered.
     #[arg(long, env = "BRAIN_IDEMPOTENCY_RETENTION_HOURS", default_value = "24")]
     pub idempotency_retention_hours: String,
@@ -94,6 +97,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub sled: SledOptions,
     pub idempotency_retention: Duration,
+    pub watch_heartbeat: Duration,
     /// Test seam: faults injected into storage.
     pub faults: Arc<Faults>,
     /// Test seam: the writer's clock.
@@ -112,6 +116,7 @@ impl Config {
             drain_timeout: Duration::from_secs(10),
             sled: SledOptions::default(),
             idempotency_retention: Duration::from_secs(24 * 3600),
+            watch_heartbeat: Duration::from_secs(5),
             faults: Arc::default(),
             clock: Arc::new(SystemClock),
         }
@@ -178,6 +183,22 @@ impl TryFrom<ServeArgs> for Config {
                     ),
                 )
             })?;
+        let watch_heartbeat = args
+            .watch_heartbeat_seconds
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|s| (1..=60).contains(s))
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                invalid(
+                    "--watch-heartbeat-seconds / BRAIN_WATCH_HEARTBEAT_SECONDS",
+                    format!(
+                        "{:?} is not a whole number from 1 to 60",
+                        args.watch_heartbeat_seconds
+                    ),
+                )
+            })?;
         if args.data_dir.as_os_str().is_empty() {
             return Err(invalid("--data-dir / BRAIN_DATA_DIR", "must not be empty"));
         }
@@ -220,6 +241,7 @@ impl TryFrom<ServeArgs> for Config {
             drain_timeout,
             sled: SledOptions { cache_capacity: cache_mb * 1024 * 1024 },
             idempotency_retention: Duration::from_secs(retention_hours * 3600),
+            watch_heartbeat,
             faults: Arc::default(),
             clock: Arc::new(SystemClock),
         })

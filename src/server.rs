@@ -41,6 +41,7 @@ pub async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
 /// Every gRPC route: the five brain-ops services, health, and reflection v1 and v1alpha.
 pub fn routes(
     ledger: &Ledger,
+    safe_mode: SafeModeApi,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -60,8 +61,7 @@ pub fn routes(
         ledger.clone(),
     )))
     .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let safe_mode =
-        pb::safe_mode_service_server::SafeModeServiceServer::new(SafeModeApi::new(ledger.clone()));
+    let safe_mode = pb::safe_mode_service_server::SafeModeServiceServer::new(safe_mode);
 
     Routes::new(health)
         .add_service(reflection)

@@ -13,7 +13,9 @@ use tonic_health::server::HealthReporter;
 
 use crate::config::Config;
 use crate::drain::Drain;
+use crate::grpc::safe_mode::SafeModeApi;
 use crate::ledger::{Ledger, LedgerOptions};
+use crate::safe_mode::SafeModeControl;
 use crate::{http, safe_mode, server};
 
 /// Why the service could not start.
@@ -48,6 +50,7 @@ pub struct App {
     grpc: TcpListener,
     http: TcpListener,
     ledger: Ledger,
+    control: Arc<SafeModeControl>,
     drain: Arc<Drain>,
     health: HealthReporter,
     routes: tonic::service::Routes,
@@ -65,6 +68,7 @@ impl App {
             faults: config.faults.clone(),
             clock: config.clock.clone(),
             idempotency_retention: config.idempotency_retention,
+            fail_closed: safe_mode::fail_closed(),
         };
         let (ledger, report) = tokio::task::spawn_blocking(move || Ledger::open(options))
             .await
@@ -87,16 +91,19 @@ impl App {
             safe_mode = state.safe_mode.enabled,
             "ledger verified and state rebuilt"
         );
-        let drafts = safe_mode::startup_drafts(&state, &report, config.safe_mode_at_start);
-        if !drafts.is_empty()
-            && let Err(error) = ledger.append(drafts).await
-        {
-            tracing::error!(%error, "could not record the start-up safe-mode events");
+        let decision =
+            safe_mode::startup_decision(report.verification.clone(), config.safe_mode_at_start);
+        if let Err(error) = ledger.decide(decision).await {
+            tracing::error!(%error, "could not take the start-up safe-mode decision");
         }
+        let control = Arc::new(SafeModeControl::new(ledger.clone(), config.clock.clone()));
+        let drain = Arc::new(Drain::default());
         let (health, health_service) = tonic_health::server::health_reporter();
         server::set_health(&health, ServingStatus::NotServing).await;
-        let routes = server::routes(&ledger, health_service);
-        Ok(App { config, grpc, http, ledger, drain: Arc::new(Drain::default()), health, routes })
+        let safe_mode_api =
+            SafeModeApi::new(control.clone(), config.watch_heartbeat, drain.clone());
+        let routes = server::routes(&ledger, safe_mode_api, health_service);
+        Ok(App { config, grpc, http, ledger, control, drain, health, routes })
     }
 
     /// The bound gRPC address.
@@ -122,7 +129,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let (grpc_addr, metrics_addr) = (self.grpc_addr(), self.metrics_addr());
-        let App { config, grpc, http, ledger, drain, health, routes } = self;
+        let App { config, grpc, http, ledger, control, drain, health, routes } = self;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let stop_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
@@ -139,6 +146,17 @@ impl App {
                 .with_graceful_shutdown(stop_signal(stopped.clone()))
                 .into_future(),
         );
+        // Blocked-call aggregates are written once their second is over.
+        let flusher = {
+            let control = control.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tick.tick().await;
+                    control.flush_blocked(false).await;
+                }
+            })
+        };
         server::set_health(&health, ServingStatus::Serving).await;
         tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "brain-ops serving");
 
@@ -154,6 +172,8 @@ impl App {
         let grace = Duration::from_secs(2);
         let grpc_result = tokio::time::timeout(grace, grpc_server).await;
         let http_result = tokio::time::timeout(grace, http_server).await;
+        flusher.abort();
+        control.flush_blocked(true).await;
         ledger.shutdown().await;
         tracing::info!("brain-ops stopped");
         if let Ok(Ok(Err(e))) = grpc_result {

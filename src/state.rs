@@ -13,6 +13,42 @@ pub mod events {
     pub const INTEGRITY_VIOLATION: &str = "system.integrity_violation";
     pub const INTEGRITY_ACKNOWLEDGED: &str = "system.integrity_acknowledged";
     pub const CLOCK_REGRESSION: &str = "system.clock_regression";
+    pub const EXECUTION_BLOCKED: &str = "system.safe_mode_execution_blocked";
+}
+
+/// The kinds of operation safe mode blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OperationKind {
+    Execution = 0,
+    Deployment = 1,
+    BundleLoad = 2,
+}
+
+impl OperationKind {
+    pub const ALL: [OperationKind; 3] =
+        [OperationKind::Execution, OperationKind::Deployment, OperationKind::BundleLoad];
+
+    /// The lowercase name stored in metadata `kind` and used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationKind::Execution => "execution",
+            OperationKind::Deployment => "deployment",
+            OperationKind::BundleLoad => "bundle_load",
+        }
+    }
+
+    /// How operators name the kind.
+    pub fn label(self) -> &'static str {
+        match self {
+            OperationKind::Execution => "Factory execution",
+            OperationKind::Deployment => "Deployment",
+            OperationKind::BundleLoad => "Bundle load",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<OperationKind> {
+        OperationKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
 }
 
 /// Why safe mode is on.
@@ -89,6 +125,8 @@ pub struct State {
     pub safe_mode: SafeMode,
     pub integrity: IntegrityRecord,
     pub clock_regressions: u64,
+    /// Blocked `CheckOperation` calls by kind (execution, deployment, bundle load).
+    pub blocked: [u64; 3],
 }
 
 /// Metadata key listing damage tags in integrity events, comma-separated.
@@ -125,6 +163,13 @@ impl State {
                 self.integrity.acknowledged.extend(damage_tags(record));
             }
             events::CLOCK_REGRESSION => self.clock_regressions += 1,
+            events::EXECUTION_BLOCKED => {
+                let count = record.metadata.get("count").and_then(|c| c.parse::<u64>().ok());
+                let kind = record.metadata.get("kind").and_then(|k| OperationKind::parse(k));
+                if let Some(kind) = kind {
+                    self.blocked[kind as usize] += count.unwrap_or(1);
+                }
+            }
             _ => {}
         }
     }

@@ -7,7 +7,7 @@ use crate::audit::{ChainReport, DEFAULT_PAGE_SIZE, ListQuery, Listed, MAX_PAGE_S
 use crate::ledger::record::{Draft, InvalidField, MAX_EVENT_TYPE_CHARS, Mode, Severity};
 use crate::pb;
 use crate::safe_mode::{ALLOWED_OPERATIONS, BLOCKED_OPERATIONS};
-use crate::state::{SafeMode, SafeModeSource};
+use crate::state::{OperationKind, SafeMode, SafeModeSource};
 
 fn non_empty(s: String) -> Option<String> {
     if s.is_empty() { None } else { Some(s) }
@@ -57,6 +57,21 @@ fn mode_from_pb(field: &str, value: i32) -> Result<Option<Mode>, InvalidField> {
         Ok(pb::OperationMode::Sovereign) => Ok(Some(Mode::Sovereign)),
         Ok(pb::OperationMode::Quarantine) => Ok(Some(Mode::Quarantine)),
         Err(_) => Err(InvalidField::new(field, format!("{value} is not a known operation mode"))),
+    }
+}
+
+/// The operation kind of a `CheckOperation` request.
+pub fn kind_from_pb(value: i32) -> Result<OperationKind, Status> {
+    match pb::OperationKind::try_from(value) {
+        Ok(pb::OperationKind::Execution) => Ok(OperationKind::Execution),
+        Ok(pb::OperationKind::Deployment) => Ok(OperationKind::Deployment),
+        Ok(pb::OperationKind::BundleLoad) => Ok(OperationKind::BundleLoad),
+        Ok(pb::OperationKind::Unspecified) => Err(Status::invalid_argument(
+            "kind is required: OPERATION_KIND_EXECUTION, OPERATION_KIND_DEPLOYMENT or OPERATION_KIND_BUNDLE_LOAD",
+        )),
+        Err(_) => {
+            Err(Status::invalid_argument(format!("kind {value} is not a known operation kind")))
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod safe_mode;
 use tonic::Status;
 
 use crate::audit::AuditError;
+use crate::safe_mode::SafeModeError;
 
 /// The principal every caller is while authentication is off.
 pub const ANONYMOUS: &str = "anonymous";
@@ -32,6 +33,18 @@ impl From<AuditError> for Status {
             AuditError::Storage(_) => {
                 tracing::error!(%error, "ledger read failed");
                 Status::unavailable("the ledger could not be read; see the brain-ops log")
+            }
+        }
+    }
+}
+
+impl From<SafeModeError> for Status {
+    fn from(error: SafeModeError) -> Status {
+        match &error {
+            SafeModeError::Invalid(_) => Status::invalid_argument(error.to_string()),
+            SafeModeError::Unavailable(_) => {
+                tracing::warn!(%error, "safe-mode change refused");
+                Status::unavailable(error.to_string())
             }
         }
     }

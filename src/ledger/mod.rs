@@ -11,6 +11,8 @@ pub mod store;
 pub mod verify;
 mod writer;
 
+pub use self::writer::{Decided, Decider, Decision};
+
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -23,10 +25,10 @@ use self::idempotency::IdempotencyIndex;
 use self::record::{Draft, TooLarge};
 use self::store::{Faults, SledOptions, SledStore, Storage};
 use self::verify::{ChainVerifier, Verification};
-use crate::state::{Head, SafeMode, SafeModeSource, State};
+use crate::state::{Head, State};
 
 /// How the ledger is opened.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct LedgerOptions {
     pub dir: PathBuf,
     pub sled: SledOptions,
@@ -35,7 +37,19 @@ pub struct LedgerOptions {
     pub clock: Arc<dyn Clock>,
     /// How long idempotency keys are remembered.
     pub idempotency_retention: Duration,
+    /// What takes effect when storage fails and cannot be recovered (a freeze).
+    pub fail_closed: FailClosed,
 }
+
+impl std::fmt::Debug for LedgerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerOptions").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+/// Given the state in effect and the storage fault, the events that must take effect at once
+/// (in memory, written when storage returns). Called by the writer.
+pub type FailClosed = Arc<dyn Fn(&State, &str) -> Vec<Draft> + Send + Sync>;
 
 /// Where one appended event landed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,36 +126,30 @@ impl Ledger {
             Err(e) => (None, Some(e.to_string())),
         };
         let mut index = IdempotencyIndex::new(options.idempotency_retention);
-        let (mut state, verification, storage_error) = match &store {
+        let (state, verification, storage_error) = match &store {
             Some(store) => match rebuild(store.as_ref(), &mut index) {
                 Ok((state, verification)) => (state, verification, storage_error),
                 Err(e) => (State::default(), Verification::default(), Some(e.to_string())),
             },
             None => (State::default(), Verification::default(), storage_error),
         };
-        if let Some(error) = &storage_error {
-            // Fail closed: with no ledger to decide from, nothing may run. This freeze cannot be
-            // recorded; it lasts until the store opens again at a restart.
-            state.safe_mode = SafeMode {
-                enabled: true,
-                revision: 0,
-                enabled_at: Some(options.clock.now_micros()),
-                reason: Some(format!("ledger storage could not be opened: {error}")),
-                enabled_by: Some(crate::safe_mode::SERVICE_PRINCIPAL.to_owned()),
-                source: Some(SafeModeSource::Storage),
-            };
-        }
         index.expire(options.clock.now_micros());
         let writable = if storage_error.is_some() { None } else { store.clone() };
-        let (commands, state, health, thread) =
-            writer::spawn(writable, state, index, options.clock, storage_error.clone());
+        let spawned = writer::spawn(
+            writable,
+            state,
+            index,
+            options.clock,
+            options.fail_closed,
+            storage_error.clone(),
+        );
         let ledger = Ledger {
             inner: Arc::new(Inner {
-                commands,
-                state,
-                health,
+                commands: spawned.commands,
+                state: spawned.state,
+                health: spawned.health,
                 store,
-                thread: Mutex::new(Some(thread)),
+                thread: Mutex::new(Some(spawned.thread)),
             }),
         };
         (ledger, StartReport { storage_error, verification })
@@ -158,7 +166,24 @@ impl Ledger {
         answer.await.map_err(|_| AppendError::Closed)?
     }
 
-    /// The state as of the last durable batch.
+    /// Decides against the pending state and appends what the decision asks for; see
+    /// [`Decision`]. Answers once the events are durable, or (safe direction only) once they
+    /// took effect in memory while storage is failing.
+    pub async fn decide(
+        &self,
+        decide: impl FnOnce(&State) -> Decision + Send + 'static,
+    ) -> Result<Decided, AppendError> {
+        let (reply, answer) = oneshot::channel();
+        let decide: Decider = Box::new(decide);
+        self.inner
+            .commands
+            .send(writer::Command::Decide { decide, reply })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        answer.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// The state in effect: durable, plus a freeze that took effect while storage failed.
     pub fn state(&self) -> Arc<State> {
         self.inner.state.borrow().clone()
     }

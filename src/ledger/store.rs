@@ -66,6 +66,7 @@ pub trait Storage: Send + Sync + 'static {
 /// Faults to inject into a [`SledStore`], for tests of the failure paths.
 #[derive(Debug, Default)]
 pub struct Faults {
+    failing_appends: AtomicU32,
     failing_fsyncs: AtomicU32,
     fsync_delay_millis: AtomicU64,
 }
@@ -82,12 +83,25 @@ impl Faults {
         self.failing_fsyncs.store(n, Ordering::SeqCst);
     }
 
+    /// Makes the next `n` appends fail before anything is written.
+    pub fn fail_next_appends(&self, n: u32) {
+        self.failing_appends.store(n, Ordering::SeqCst);
+    }
+
     fn take_fsync_failure(&self) -> bool {
-        self.failing_fsyncs
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
+        take(&self.failing_fsyncs)
+    }
+
+    fn take_append_failure(&self) -> bool {
+        take(&self.failing_appends)
     }
 }
+
+fn take(counter: &AtomicU32) -> bool {
+    counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+}
+
+impl Faults {}
 
 /// sled settings the service exposes.
 #[derive(Clone, Debug)]
@@ -222,6 +236,9 @@ impl Storage for SledStore {
     }
 
     fn append(&self, records: &[(u64, &[u8])]) -> Result<(), StorageError> {
+        if self.faults.take_append_failure() {
+            return Err(StorageError::Io(std::io::Error::other("injected append failure")));
+        }
         self.with_open(|open| {
             let mut batch = sled::Batch::default();
             for (seq, bytes) in records {

@@ -3,10 +3,18 @@
 //! It runs on its own thread, because every batch ends in a blocking fsync. Commands queue while
 //! a batch is being synced and are then taken together (group commit). For each batch it reads
 //! the clock once, assigns seqs, time and chain links, applies the records to a pending copy of
-//! the state, stores the batch durably, and only then publishes the state and answers. On a
-//! storage error it answers every command of the batch with an error, restores the pending state
-//! from the published one, reopens storage, removes anything past the published head, and retries
-//! that recovery until it succeeds; an fsync is never merely retried.
+//! the state, stores the batch durably, and only then publishes the state and answers.
+//!
+//! Decisions (`Command::Decide`) are made here against the pending state, so concurrent
+//! decisions are linearisable: of two concurrent `Enable`s one changes and one finds nothing to
+//! do.
+//!
+//! On a storage error it answers every command of the batch with an error, restores the pending
+//! state from the published one, reopens storage, removes anything past the published head, and
+//! retries that recovery until it succeeds; an fsync is never merely retried. The safe direction
+//! never waits for the disk: a decision marked `safe_direction` (a freeze) takes effect in memory
+//! at once when its events cannot be stored, and they are written when storage returns. When
+//! recovery fails, the fail-closed policy given at open decides what takes effect (a freeze).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +25,8 @@ use super::clock::Clock;
 use super::idempotency::{IdempotencyIndex, Lookup, draft_digest};
 use super::record::{Draft, Record, Sealed, Severity, format_time};
 use super::store::Storage;
-use super::{AppendError, Appended, StorageHealth};
-use crate::state::{State, events};
+use super::{AppendError, Appended, FailClosed, StorageHealth};
+use crate::state::{SafeMode, State, events};
 
 /// Commands taken into one batch at most.
 const MAX_COMMANDS_PER_BATCH: usize = 1024;
@@ -27,18 +35,59 @@ const QUEUE_DEPTH: usize = 4096;
 /// How often a failed store is recovered.
 const RECOVERY_INTERVAL: Duration = Duration::from_millis(500);
 
+/// Decides, against the pending state, which events to append.
+pub type Decider = Box<dyn FnOnce(&State) -> Decision + Send>;
+
+/// What a [`Decider`] decided.
+#[derive(Debug, Default)]
+pub struct Decision {
+    /// Events to append; none means there is nothing to change.
+    pub drafts: Vec<Draft>,
+    /// The change makes the platform safer (a freeze): when storage cannot take its events it
+    /// takes effect in memory at once and the events are written when storage returns.
+    pub safe_direction: bool,
+}
+
+/// The outcome of a decision.
+#[derive(Clone, Debug)]
+pub struct Decided {
+    /// False when the decision found nothing to change.
+    pub changed: bool,
+    /// Where the events landed; empty when nothing changed or they are still queued.
+    pub appended: Vec<Appended>,
+    /// The state in effect after the decision.
+    pub state: Arc<State>,
+}
+
 pub(super) enum Command {
     Append { drafts: Vec<Draft>, reply: oneshot::Sender<Result<Vec<Appended>, AppendError>> },
+    Decide { decide: Decider, reply: oneshot::Sender<Result<Decided, AppendError>> },
     Shutdown { done: oneshot::Sender<()> },
+}
+
+/// An answer that waits for its batch to be durable.
+enum Answer {
+    Append(oneshot::Sender<Result<Vec<Appended>, AppendError>>, Vec<Appended>),
+    Decide {
+        reply: oneshot::Sender<Result<Decided, AppendError>>,
+        appended: Vec<Appended>,
+        /// The drafts of a safe-direction change, kept to take effect in memory if the batch
+        /// fails.
+        safe: Option<Vec<Draft>>,
+    },
 }
 
 struct Writer {
     store: Option<Arc<dyn Storage>>,
     clock: Arc<dyn Clock>,
+    fail_closed: FailClosed,
+    /// The durable state.
     committed: Arc<State>,
     pending: State,
-    /// Idempotency keys as of the pending state; keys staged in the current batch are undone
-    /// if it fails.
+    /// Safe mode in effect but not yet durable: its events are in `deferred`.
+    overlay: Option<SafeMode>,
+    deferred: Vec<Draft>,
+    /// Idempotency keys as of the pending state; keys staged in a failed batch are undone.
     index: IdempotencyIndex,
     /// True while the clock is behind the head's time and the regression has been recorded.
     regressing: bool,
@@ -47,42 +96,49 @@ struct Writer {
     health_tx: watch::Sender<StorageHealth>,
 }
 
-type Spawned = (
-    mpsc::Sender<Command>,
-    watch::Receiver<Arc<State>>,
-    watch::Receiver<StorageHealth>,
-    std::thread::JoinHandle<()>,
-);
+pub(super) struct Spawned {
+    pub commands: mpsc::Sender<Command>,
+    pub state: watch::Receiver<Arc<State>>,
+    pub health: watch::Receiver<StorageHealth>,
+    pub thread: std::thread::JoinHandle<()>,
+}
 
 /// Starts the writer thread over `store` (`None`: nothing can be appended, for the reason in
-/// `fault`).
+/// `fault`, and the fail-closed policy applies from the start).
 pub(super) fn spawn(
     store: Option<Arc<dyn Storage>>,
     state: State,
     index: IdempotencyIndex,
     clock: Arc<dyn Clock>,
+    fail_closed: FailClosed,
     fault: Option<String>,
 ) -> Spawned {
     let (commands, queue) = mpsc::channel(QUEUE_DEPTH);
     let committed = Arc::new(state);
     let (state_tx, state_rx) = watch::channel(committed.clone());
     let (health_tx, health_rx) = watch::channel(StorageHealth { fault: fault.clone() });
-    let writer = Writer {
+    let mut writer = Writer {
         pending: (*committed).clone(),
         committed,
+        overlay: None,
+        deferred: Vec::new(),
         index,
         store,
         clock,
+        fail_closed,
         regressing: false,
         fault,
         state_tx,
         health_tx,
     };
+    if let Some(fault) = writer.fault.clone() {
+        writer.close_on_fault(&fault);
+    }
     let thread = std::thread::Builder::new()
         .name("ledger-writer".into())
         .spawn(move || writer.run(queue))
         .expect("the OS can start the ledger writer thread");
-    (commands, state_rx, health_rx, thread)
+    Spawned { commands, state: state_rx, health: health_rx, thread }
 }
 
 impl Writer {
@@ -120,6 +176,9 @@ impl Writer {
                 Command::Append { reply, .. } => {
                     let _ = reply.send(Err(AppendError::Closed));
                 }
+                Command::Decide { reply, .. } => {
+                    let _ = reply.send(Err(AppendError::Closed));
+                }
                 Command::Shutdown { done } => {
                     let _ = done.send(());
                 }
@@ -141,26 +200,58 @@ impl Writer {
                         continue;
                     }
                     match self.stage(drafts, time, &mut staged) {
-                        Ok(appended) => answers.push((reply, appended)),
+                        Ok(appended) => answers.push(Answer::Append(reply, appended)),
                         Err(e) => {
                             let _ = reply.send(Err(e));
                         }
                     }
                 }
+                Command::Decide { decide, reply } => {
+                    self.decide(decide, reply, time, &mut staged, &mut answers);
+                }
                 Command::Shutdown { done } => stop = Some(done),
             }
         }
-        match self.commit(&staged) {
-            Ok(()) => {
-                for (reply, appended) in answers {
+        let committed = self.commit(&staged);
+        let failure = committed.as_ref().err().cloned();
+        if let Some(fault) = &failure {
+            // Safe-direction changes of the failed batch take effect now; the rest fail.
+            for answer in &answers {
+                if let Answer::Decide { safe: Some(drafts), .. } = answer {
+                    self.take_effect_in_memory(drafts.clone());
+                }
+            }
+            tracing::warn!(%fault, "batch failed; safe-direction changes took effect in memory");
+        }
+        let state = self.state_tx.borrow().clone();
+        for answer in answers {
+            match (answer, &failure) {
+                (Answer::Append(reply, appended), None) => {
                     let _ = reply.send(Ok(appended));
                 }
-            }
-            Err(fault) => {
-                for (reply, _) in answers {
+                (Answer::Append(reply, _), Some(fault)) => {
                     let _ = reply.send(Err(AppendError::Unavailable(fault.clone())));
                 }
+                (Answer::Decide { reply, appended, .. }, None) => {
+                    let changed = !appended.is_empty();
+                    let _ = reply.send(Ok(Decided { changed, appended, state: state.clone() }));
+                }
+                (Answer::Decide { reply, safe: Some(_), .. }, Some(_)) => {
+                    let decided =
+                        Decided { changed: true, appended: Vec::new(), state: state.clone() };
+                    let _ = reply.send(Ok(decided));
+                }
+                (Answer::Decide { reply, safe: None, appended }, Some(fault)) => {
+                    let _ = reply.send(if appended.is_empty() {
+                        Ok(Decided { changed: false, appended, state: state.clone() })
+                    } else {
+                        Err(AppendError::Unavailable(fault.clone()))
+                    });
+                }
             }
+        }
+        if failure.is_some() {
+            self.recover();
         }
         match stop {
             Some(done) => {
@@ -168,6 +259,47 @@ impl Writer {
                 std::ops::ControlFlow::Break(())
             }
             None => std::ops::ControlFlow::Continue(()),
+        }
+    }
+
+    /// Runs a decision against the pending state (with any in-memory freeze in effect).
+    fn decide(
+        &mut self,
+        decide: Decider,
+        reply: oneshot::Sender<Result<Decided, AppendError>>,
+        time: i64,
+        staged: &mut Vec<Sealed>,
+        answers: &mut Vec<Answer>,
+    ) {
+        let decision = match &self.overlay {
+            None => decide(&self.pending),
+            Some(overlay) => {
+                let mut effective = self.pending.clone();
+                effective.safe_mode = overlay.clone();
+                decide(&effective)
+            }
+        };
+        if decision.drafts.is_empty() {
+            answers.push(Answer::Decide { reply, appended: Vec::new(), safe: None });
+            return;
+        }
+        if self.fault.is_some() {
+            if decision.safe_direction {
+                self.take_effect_in_memory(decision.drafts);
+                let state = self.state_tx.borrow().clone();
+                let _ = reply.send(Ok(Decided { changed: true, appended: Vec::new(), state }));
+            } else {
+                let fault = self.fault.clone().unwrap_or_default();
+                let _ = reply.send(Err(AppendError::Unavailable(fault)));
+            }
+            return;
+        }
+        let safe = decision.safe_direction.then(|| decision.drafts.clone());
+        match self.stage(decision.drafts, time, staged) {
+            Ok(appended) => answers.push(Answer::Decide { reply, appended, safe }),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
         }
     }
 
@@ -184,7 +316,7 @@ impl Writer {
         match store.append(&records) {
             Ok(()) => {
                 self.committed = Arc::new(self.pending.clone());
-                self.state_tx.send_replace(self.committed.clone());
+                self.publish();
                 Ok(())
             }
             Err(e) => {
@@ -196,10 +328,46 @@ impl Writer {
                 self.pending = (*self.committed).clone();
                 self.regressing = false;
                 self.set_fault(Some(fault.clone()));
-                self.recover();
                 Err(fault)
             }
         }
+    }
+
+    /// Publishes the durable state with any in-memory freeze on top.
+    fn publish(&mut self) {
+        let state = match &self.overlay {
+            None => self.committed.clone(),
+            Some(overlay) => {
+                let mut state = (*self.committed).clone();
+                state.safe_mode = overlay.clone();
+                Arc::new(state)
+            }
+        };
+        self.state_tx.send_replace(state);
+    }
+
+    /// Makes safe-direction events take effect without storage: their safe-mode effect goes on
+    /// top of the durable state at once, and they are queued until storage returns. The
+    /// revision stays that of the last durable change until they are written.
+    fn take_effect_in_memory(&mut self, drafts: Vec<Draft>) {
+        let mut effective = (*self.committed).clone();
+        if let Some(overlay) = &self.overlay {
+            effective.safe_mode = overlay.clone();
+        }
+        let revision = effective.safe_mode.revision;
+        let now = self.clock.now_micros();
+        let mut seq = effective.head.seq;
+        for draft in &drafts {
+            seq += 1;
+            // A provisional seal, only to fold the event into the in-memory state.
+            if let Ok(sealed) = Record::seal(draft.clone(), seq, now, &effective.head.hash) {
+                effective.apply(&sealed.record);
+            }
+        }
+        effective.safe_mode.revision = revision;
+        self.overlay = Some(effective.safe_mode);
+        self.deferred.extend(drafts);
+        self.publish();
     }
 
     /// Seals `drafts` after the pending head; all of them or none. A draft whose idempotency
@@ -274,7 +442,7 @@ impl Writer {
                 head = %format_time(last),
                 "the clock stepped back; reusing the head's time"
             );
-            let draft = Draft::new(events::CLOCK_REGRESSION, "brain-ops")
+            let draft = Draft::new(events::CLOCK_REGRESSION, crate::safe_mode::SERVICE_PRINCIPAL)
                 .severity(Severity::Warning)
                 .reason("the system clock stepped back; event times stay at the previous time")
                 .meta("observed_time", format_time(now))
@@ -287,10 +455,10 @@ impl Writer {
         last
     }
 
+    /// Reopens storage and drops anything past the durable head; on success writes what was
+    /// queued, on failure applies the fail-closed policy.
     fn recover(&mut self) {
-        let Some(store) = self.store.clone() else {
-            return;
-        };
+        let Some(store) = self.store.clone() else { return };
         let head = self.committed.head.seq;
         let recovered =
             store.reopen().and_then(|()| store.truncate_after(head)).and_then(|()| store.head());
@@ -298,17 +466,55 @@ impl Writer {
             Ok(found) if found.unwrap_or(0) == head => {
                 tracing::info!(head, "ledger storage recovered");
                 self.set_fault(None);
+                self.write_deferred();
             }
             Ok(found) => {
                 let fault =
                     format!("storage head {found:?} is behind the acknowledged head {head}");
                 tracing::error!(%fault, "ledger storage lost acknowledged records");
-                self.set_fault(Some(fault));
+                self.set_fault(Some(fault.clone()));
+                self.close_on_fault(&fault);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "ledger storage still failing");
-                self.set_fault(Some(format!("storage recovery failed: {e}")));
+                let fault = format!("storage recovery failed: {e}");
+                tracing::warn!(%fault, "ledger storage still failing");
+                self.set_fault(Some(fault.clone()));
+                self.close_on_fault(&fault);
             }
+        }
+    }
+
+    /// Applies the fail-closed policy for a storage fault that recovery did not clear.
+    fn close_on_fault(&mut self, fault: &str) {
+        let mut effective = (*self.committed).clone();
+        if let Some(overlay) = &self.overlay {
+            effective.safe_mode = overlay.clone();
+        }
+        let drafts = (self.fail_closed)(&effective, fault);
+        if !drafts.is_empty() {
+            self.take_effect_in_memory(drafts);
+        }
+    }
+
+    /// Writes the events that took effect while storage was failing.
+    fn write_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let drafts = std::mem::take(&mut self.deferred);
+        let mut staged = Vec::new();
+        let time = self.batch_time(&mut staged);
+        if let Err(e) = self.stage(drafts.clone(), time, &mut staged) {
+            tracing::error!(error = %e, "queued safe-mode events cannot be staged; dropping them");
+            return;
+        }
+        match self.commit(&staged) {
+            Ok(()) => {
+                tracing::info!(events = drafts.len(), "queued safe-mode events written");
+                self.overlay = None;
+                self.publish();
+            }
+            Err(_) => self.deferred = drafts,
         }
     }
 
