@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -137,7 +137,8 @@ impl App {
 
         let grpc_server = tokio::spawn(
             server::server(drain.clone()).add_routes(routes).serve_with_incoming_shutdown(
-                TcpListenerStream::new(grpc),
+                // Small responses must not wait for Nagle's algorithm.
+                TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 stop_signal(stopped.clone()),
             ),
         );

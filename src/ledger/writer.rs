@@ -223,6 +223,11 @@ impl Writer {
             }
             tracing::warn!(%fault, "batch failed; safe-direction changes took effect in memory");
         }
+        if failure.is_some() {
+            // Before answering, so that a caller who sees the failure also sees the freeze that
+            // an unrecoverable store causes.
+            self.recover();
+        }
         let state = self.state_tx.borrow().clone();
         for answer in answers {
             match (answer, &failure) {
@@ -249,9 +254,6 @@ impl Writer {
                     });
                 }
             }
-        }
-        if failure.is_some() {
-            self.recover();
         }
         match stop {
             Some(done) => {

@@ -131,3 +131,40 @@ async fn an_intact_ledger_starts_unfrozen_with_nothing_to_report() {
     assert_eq!(events.len(), 5, "a clean start appends nothing");
     assert!(events.iter().all(|e| record_of(e)["source"] == "anonymous"));
 }
+
+#[tokio::test]
+async fn disable_acknowledges_known_damage_so_restarts_stay_thawed_but_new_damage_freezes() {
+    let dir = populated_ledger().await;
+    tamper(dir.path(), 2, |bytes| {
+        String::from_utf8(bytes).expect("utf8").replace("event 2", "event Y").into_bytes()
+    });
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    assert!(app.status().await.enabled);
+    let thawed = app
+        .safe_mode()
+        .disable(pb::DisableRequest { reason: "seq 2 edit investigated".into() })
+        .await
+        .expect("Disable answers")
+        .into_inner();
+    assert!(thawed.changed);
+    let events = app.list_all().await;
+    let ack = events
+        .iter()
+        .find(|e| e.event_type == "system.integrity_acknowledged")
+        .expect("the damage is acknowledged on record");
+    assert!(record_of(ack)["metadata"]["damaged"].as_str().expect("tags").starts_with("2:"));
+    app.stop().await;
+
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    assert!(!app.status().await.enabled, "acknowledged damage does not freeze again");
+    app.stop().await;
+
+    tamper(dir.path(), 4, |mut bytes| {
+        bytes.truncate(5);
+        bytes
+    });
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    let status = app.status().await;
+    assert!(status.enabled, "new damage freezes again");
+    assert!(status.reason.contains("seq 4"), "{}", status.reason);
+}

@@ -8,4 +8,5 @@ mod helpers;
 mod integrity;
 mod ledger;
 mod list;
+mod safe_mode;
 mod server;
