@@ -90,7 +90,7 @@ def check(command, kind, expected, actual):
 
 
 def main():
-    binary_dir = os.path.join(ROOT, "target", os.environ.get("WALKTHROUGH_PROFILE", "debug"))
+    binary_dir = os.environ.get("BRAIN_OPS_BIN_DIR") or os.path.join(ROOT, "target", "debug")
     if not os.path.exists(os.path.join(binary_dir, "brain-ops")):
         sys.exit(f"build brain-ops first: no binary in {binary_dir}")
     if shutil.which("grpcurl") is None:
