@@ -3,12 +3,12 @@
 //! `-o human|json` and `--timeout-seconds`, and exits with one of the codes in [`exit`].
 
 mod audit;
+mod safe_mode;
 
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tonic::Status;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::ServeArgs;
@@ -49,6 +49,13 @@ pub enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: audit::AuditCommand,
+    },
+    /// Freeze and thaw the platform, check operations, watch the kill switch.
+    SafeMode {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: safe_mode::SafeModeCommand,
     },
 }
 
@@ -95,8 +102,6 @@ impl From<Status> for Failure {
     }
 }
 
-type Authed = InterceptedService<Channel, Bearer>;
-
 /// Adds `authorization: Bearer <token>` to every call when a token is set.
 #[derive(Clone, Debug)]
 pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
@@ -111,8 +116,13 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 impl ClientArgs {
-    /// Connects to the server.
+    /// Connects to the server; every call has the `--timeout-seconds` deadline.
     pub async fn connect(&self) -> Result<(Channel, Bearer), Failure> {
+        self.connect_with(false).await
+    }
+
+    /// Connects to the server; a streaming connection has no per-call deadline.
+    pub async fn connect_with(&self, streaming: bool) -> Result<(Channel, Bearer), Failure> {
         let server = if self.server.contains("://") {
             self.server.clone()
         } else {
@@ -120,10 +130,12 @@ impl ClientArgs {
         };
         let usage = |message: String| Failure { code: exit::USAGE, message };
         let timeout = Duration::from_secs(self.timeout_seconds.max(1));
-        let endpoint = Endpoint::from_shared(server.clone())
+        let mut endpoint = Endpoint::from_shared(server.clone())
             .map_err(|e| usage(format!("--server / BRAIN_SERVER {server:?}: {e}")))?
-            .connect_timeout(timeout)
-            .timeout(timeout);
+            .connect_timeout(timeout);
+        if !streaming {
+            endpoint = endpoint.timeout(timeout);
+        }
         let channel = endpoint.connect().await.map_err(|e| Failure {
             code: exit::UNAVAILABLE,
             message: format!("cannot reach {server}: {e}"),
@@ -145,6 +157,7 @@ pub async fn run_client(command: Command) -> u8 {
     let result = match command {
         Command::Serve(_) => unreachable!("serve is not a client command"),
         Command::Audit { client, command } => audit::run(&client, command).await,
+        Command::SafeMode { client, command } => safe_mode::run(&client, command).await,
     };
     match result {
         Ok(code) => code,
@@ -159,6 +172,3 @@ pub async fn run_client(command: Command) -> u8 {
 fn print_json(value: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
-
-#[allow(dead_code)]
-fn _assert_authed_is_send(_: Authed) {}

@@ -88,3 +88,75 @@ async fn client_errors_map_to_documented_exit_codes() {
     let (code, _, _) = run(&server, &["audit", "list", "--from", "yesterday"]).await;
     assert_eq!(code, Some(2), "a bad argument exits 2");
 }
+
+#[tokio::test]
+async fn safe_mode_commands_freeze_check_and_thaw_with_documented_exit_codes() {
+    let app = spawn_app().await;
+    let server = format!("http://{}", app.grpc_addr);
+    let (code, stdout, _) =
+        run(&server, &["safe-mode", "check", "--kind", "deployment", "--operation", "deploy api"])
+            .await;
+    assert_eq!(code, Some(0), "allowed exits 0: {stdout}");
+
+    let (code, stdout, stderr) =
+        run(&server, &["safe-mode", "enable", "--reason", "incident 7"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with("safe mode enabled\nsafe mode ON"), "{stdout}");
+    let (_, stdout, _) = run(&server, &["safe-mode", "enable", "--reason", "again"]).await;
+    assert!(stdout.starts_with("safe mode was already enabled"), "{stdout}");
+
+    let (code, stdout, _) = run(&server, &["safe-mode", "status", "-o", "json"]).await;
+    assert_eq!(code, Some(0));
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(
+        (status["enabled"].as_bool(), status["reason"].as_str()),
+        (Some(true), Some("incident 7"))
+    );
+    assert_eq!(status["source"], "api");
+
+    let (code, stdout, _) =
+        run(&server, &["safe-mode", "check", "--kind", "bundle-load", "--operation", "load b1"])
+            .await;
+    assert_eq!(code, Some(1), "blocked exits 1");
+    assert!(stdout.contains("Bundle load \"load b1\" is blocked"), "{stdout}");
+
+    let (code, stdout, _) =
+        run(&server, &["safe-mode", "disable", "--reason", "fixed", "-o", "json"]).await;
+    assert_eq!(code, Some(0));
+    let answer: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(
+        (answer["changed"].as_bool(), answer["status"]["enabled"].as_bool()),
+        (Some(true), Some(false))
+    );
+
+    let (code, _, stderr) = run(&server, &["safe-mode", "enable", "--reason", ""]).await;
+    assert_eq!(code, Some(4), "an empty reason is refused: {stderr}");
+}
+
+#[tokio::test]
+async fn safe_mode_watch_prints_changes_and_exits_3_when_the_stream_goes_stale() {
+    use tokio::io::AsyncBufReadExt;
+    let app = spawn_app().await;
+    let server = format!("http://{}", app.grpc_addr);
+    let mut watch = tokio::process::Command::new(BIN)
+        .args(["safe-mode", "watch", "--stale-after-seconds", "3"])
+        .env_clear()
+        .env("BRAIN_SERVER", &server)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let mut lines = tokio::io::BufReader::new(watch.stdout.take().expect("piped")).lines();
+    let first = lines.next_line().await.expect("reads").expect("a first line");
+    assert!(first.starts_with("safe mode OFF"), "{first}");
+    run(&server, &["safe-mode", "enable", "--reason", "watched"]).await;
+    let change = lines.next_line().await.expect("reads").expect("a change");
+    assert!(change.starts_with("safe mode ON") && change.ends_with("watched"), "{change}");
+    // Heartbeats come every 5 s by default, so a 3 s budget goes stale.
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), watch.wait())
+        .await
+        .expect("watch exits")
+        .expect("status");
+    assert_eq!(status.code(), Some(3));
+}
