@@ -90,6 +90,11 @@ fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The principals file; `None` serves everyone as `anonymous` (loopback only).
+    pub auth_file: Option<PathBuf>,
+    /// Serving a non-loopback address without authentication, as
+    /// `--insecure-allow-unauthenticated` allowed. Logged and recorded at start.
+    pub exposed_without_auth: bool,
     pub data_dir: PathBuf,
     /// `BRAIN_SAFE_MODE` asked for safe mode at start.
     pub safe_mode_at_start: bool,
@@ -110,6 +115,8 @@ impl Config {
         Config {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            auth_file: None,
+            exposed_without_auth: false,
             data_dir: data_dir.into(),
             safe_mode_at_start: false,
             log_format: LogFormat::Human,
@@ -206,7 +213,6 @@ impl TryFrom<ServeArgs> for Config {
         // an operator who configures TLS or authentication must not get a service without it.
         let unsupported = [
             ("--health-addr / BRAIN_HEALTH_ADDR", args.health_addr.is_some()),
-            ("--auth-file / BRAIN_AUTH_FILE", args.auth_file.is_some()),
             ("--signing-key-file / BRAIN_SIGNING_KEY_FILE", args.signing_key_file.is_some()),
             ("--governance-config / BRAIN_GOVERNANCE_CONFIG", args.governance_config.is_some()),
             ("--tls-cert / BRAIN_TLS_CERT", args.tls_cert.is_some()),
@@ -218,23 +224,33 @@ impl TryFrom<ServeArgs> for Config {
         }
         // Without a principals file every caller is anonymous with every role, which is only
         // acceptable where nobody else can connect.
-        for (setting, addr) in [
-            ("--grpc-addr / BRAIN_GRPC_ADDR", grpc_addr),
-            ("--metrics-addr / BRAIN_METRICS_ADDR", metrics_addr),
-        ] {
-            if !addr.ip().is_loopback() && !args.insecure_allow_unauthenticated {
-                return Err(invalid(
-                    setting,
-                    format!(
-                        "{addr} is not a loopback address and no principals file is configured; \
-                         set BRAIN_AUTH_FILE, or pass --insecure-allow-unauthenticated"
-                    ),
-                ));
+        let mut exposed_without_auth = false;
+        if args.auth_file.is_none() {
+            for (setting, addr) in [
+                ("--grpc-addr / BRAIN_GRPC_ADDR", grpc_addr),
+                ("--metrics-addr / BRAIN_METRICS_ADDR", metrics_addr),
+            ] {
+                if addr.ip().is_loopback() {
+                    continue;
+                }
+                if !args.insecure_allow_unauthenticated {
+                    return Err(invalid(
+                        setting,
+                        format!(
+                            "{addr} is not a loopback address and no principals file is \
+                             configured; set BRAIN_AUTH_FILE, or pass \
+                             --insecure-allow-unauthenticated"
+                        ),
+                    ));
+                }
+                exposed_without_auth = true;
             }
         }
         Ok(Config {
             grpc_addr,
             metrics_addr,
+            auth_file: args.auth_file,
+            exposed_without_auth,
             data_dir: args.data_dir,
             safe_mode_at_start,
             log_format,

@@ -3,6 +3,7 @@
 //! See `docs/ARCHITECTURE.md` for the map of this crate.
 
 pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod drain;
@@ -14,4 +15,5 @@ pub mod safe_mode;
 pub mod server;
 pub mod startup;
 pub mod state;
+pub mod tally;
 pub mod telemetry;

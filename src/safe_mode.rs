@@ -2,7 +2,6 @@
 //! linearisable and audited before they take effect; checks read memory only, and blocked checks
 //! are all accounted for in the ledger.
 
-use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -15,6 +14,7 @@ use crate::ledger::record::{
 use crate::ledger::verify::{Damage, Verification};
 use crate::ledger::{AppendError, Decision, FailClosed, Ledger};
 use crate::state::{DAMAGE_KEY, OperationKind, SafeMode, SafeModeSource, State, events};
+use crate::tally::PerSecondTally;
 
 /// What safe mode blocks, in the words operators know.
 pub const BLOCKED_OPERATIONS: [&str; 3] = ["Factory executions", "Deployments", "Bundle loads"];
@@ -68,44 +68,11 @@ pub struct Check {
 }
 
 type TallyKey = (String, OperationKind, String);
+type BlockedTally = PerSecondTally<TallyKey, TallyKey>;
 
-/// Blocked calls not recorded individually, by second, waiting to be written as aggregates.
-#[derive(Debug, Default)]
-struct BlockedTally {
-    second: i64,
-    individual: HashSet<TallyKey>,
-    counts: BTreeMap<(i64, TallyKey), u64>,
-}
-
-impl BlockedTally {
-    /// True when this is the first call of its key in this second (it gets its own event).
-    fn first_in_second(&mut self, key: &TallyKey, second: i64) -> bool {
-        if second != self.second {
-            self.second = second;
-            self.individual.clear();
-        }
-        self.individual.len() < MAX_INDIVIDUAL_PER_SECOND && self.individual.insert(key.clone())
-    }
-
-    fn count(&mut self, mut key: TallyKey, second: i64, n: u64) {
-        if self.counts.len() >= MAX_AGGREGATE_KEYS
-            && !self.counts.contains_key(&(second, key.clone()))
-        {
-            key.2 = FOLDED_OPERATION.to_owned();
-        }
-        *self.counts.entry((second, key)).or_default() += n;
-    }
-
-    /// Takes the counts of seconds before `before` (all of them when `None`).
-    fn take(&mut self, before: Option<i64>) -> Vec<((i64, TallyKey), u64)> {
-        let keep = match before {
-            Some(second) => self
-                .counts
-                .split_off(&(second, (String::new(), OperationKind::Execution, String::new()))),
-            None => BTreeMap::new(),
-        };
-        std::mem::replace(&mut self.counts, keep).into_iter().collect()
-    }
+fn fold_operation(mut key: TallyKey) -> TallyKey {
+    FOLDED_OPERATION.clone_into(&mut key.2);
+    key
 }
 
 /// The safe-mode domain handle.
@@ -118,7 +85,9 @@ pub struct SafeModeControl {
 
 impl SafeModeControl {
     pub fn new(ledger: Ledger, clock: Arc<dyn Clock>) -> SafeModeControl {
-        SafeModeControl { ledger, clock, tally: Mutex::default() }
+        let tally =
+            PerSecondTally::new(MAX_INDIVIDUAL_PER_SECOND, MAX_AGGREGATE_KEYS, fold_operation);
+        SafeModeControl { ledger, clock, tally: Mutex::new(tally) }
     }
 
     /// The status in effect.
@@ -210,7 +179,7 @@ impl SafeModeControl {
         let message = blocked_message(&safe_mode, kind, operation);
         let second = self.clock.now_micros().div_euclid(1_000_000);
         let key = (principal.to_owned(), kind, operation.to_owned());
-        let first = self.lock().first_in_second(&key, second);
+        let first = self.lock().first_in_second(key.clone(), second);
         let mut audit_seq = 0;
         if first {
             let draft = blocked_draft(principal, kind, operation, 1, None);
@@ -398,23 +367,4 @@ fn truncate(mut text: String, limit: usize) -> String {
         text.truncate(cut);
     }
     text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_first_call_per_key_and_second_is_individual_the_rest_are_counted() {
-        let mut tally = BlockedTally::default();
-        let key = ("svc".to_owned(), OperationKind::Deployment, "deploy".to_owned());
-        assert!(tally.first_in_second(&key, 10));
-        assert!(!tally.first_in_second(&key, 10));
-        tally.count(key.clone(), 10, 1);
-        assert!(tally.first_in_second(&key, 11), "a new second starts afresh");
-        tally.count(key.clone(), 11, 5);
-        let finished = tally.take(Some(11));
-        assert_eq!(finished, vec![((10, key.clone()), 1)]);
-        assert_eq!(tally.take(None), vec![((11, key), 5)]);
-    }
 }

@@ -9,8 +9,11 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::audit::AuditLog;
+use tower::layer::util::{Identity, Stack};
+
 use crate::drain::{Drain, DrainLayer};
 use crate::grpc::audit::AuditApi;
+use crate::grpc::authn::AuthLayer;
 use crate::grpc::safe_mode::SafeModeApi;
 use crate::ledger::Ledger;
 use crate::pb;
@@ -81,14 +84,18 @@ impl pb::evidence_service_server::EvidenceService for Unimplemented {}
 impl pb::metrics_service_server::MetricsService for Unimplemented {}
 impl pb::override_service_server::OverrideService for Unimplemented {}
 
+/// The server's layers, outermost first.
+type Layers = Stack<AuthLayer, Stack<DrainLayer, Identity>>;
+
 /// The server with its layer stack.
-pub fn server(
-    drain: Arc<Drain>,
-) -> tonic::transport::Server<tower::layer::util::Stack<DrainLayer, tower::layer::util::Identity>> {
+pub fn server(drain: Arc<Drain>, auth: AuthLayer) -> tonic::transport::Server<Layers> {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         // Outermost: while draining, refuse new calls before any work is done, and count the
         // calls in flight so that shutdown can wait for them.
         .layer(DrainLayer(drain))
+        // Then authentication and roles, before any service sees the call; health and
+        // reflection pass without a token so that probes and tools work.
+        .layer(auth)
 }

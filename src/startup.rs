@@ -11,9 +11,12 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::auth::{Authenticator, DenialRecorder, PrincipalsError};
 use crate::config::Config;
 use crate::drain::Drain;
+use crate::grpc::authn::AuthLayer;
 use crate::grpc::safe_mode::SafeModeApi;
+use crate::ledger::record::{Draft, Severity};
 use crate::ledger::{Ledger, LedgerOptions};
 use crate::safe_mode::SafeModeControl;
 use crate::{http, safe_mode, server};
@@ -25,12 +28,14 @@ pub enum StartError {
     Bind { setting: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("the ledger could not be opened: {0}")]
     Ledger(String),
+    #[error("invalid setting --auth-file / BRAIN_AUTH_FILE: {0}")]
+    Principals(#[from] PrincipalsError),
 }
 
 impl StartError {
     /// True when the operator must change the configuration.
     pub fn is_config(&self) -> bool {
-        matches!(self, StartError::Bind { .. })
+        matches!(self, StartError::Bind { .. } | StartError::Principals(_))
     }
 }
 
@@ -51,6 +56,7 @@ pub struct App {
     http: TcpListener,
     ledger: Ledger,
     control: Arc<SafeModeControl>,
+    auth: AuthLayer,
     drain: Arc<Drain>,
     health: HealthReporter,
     routes: tonic::service::Routes,
@@ -60,6 +66,10 @@ impl App {
     /// Binds the listeners, opens and verifies the ledger, rebuilds the state, and records what
     /// the start found (integrity damage, `BRAIN_SAFE_MODE`).
     pub async fn build(config: Config) -> Result<App, StartError> {
+        let authenticator = match &config.auth_file {
+            Some(path) => Authenticator::from_file(path)?,
+            None => Authenticator::off(),
+        };
         let grpc = bind("--grpc-addr / BRAIN_GRPC_ADDR", config.grpc_addr).await?;
         let http = bind("--metrics-addr / BRAIN_METRICS_ADDR", config.metrics_addr).await?;
         let options = LedgerOptions {
@@ -96,14 +106,29 @@ impl App {
         if let Err(error) = ledger.decide(decision).await {
             tracing::error!(%error, "could not take the start-up safe-mode decision");
         }
+        if config.exposed_without_auth {
+            tracing::warn!(grpc = %config.grpc_addr, metrics = %config.metrics_addr, "serving a non-loopback address WITHOUT authentication (--insecure-allow-unauthenticated)");
+            let draft = Draft::new("system.insecure_start", safe_mode::SERVICE_PRINCIPAL)
+                .severity(Severity::Critical)
+                .reason("serving a non-loopback address without authentication (--insecure-allow-unauthenticated)")
+                .meta("grpc_addr", config.grpc_addr.to_string())
+                .meta("metrics_addr", config.metrics_addr.to_string());
+            if let Err(error) = ledger.append(vec![draft]).await {
+                tracing::error!(%error, "could not record the insecure start");
+            }
+        }
         let control = Arc::new(SafeModeControl::new(ledger.clone(), config.clock.clone()));
+        let auth = AuthLayer {
+            auth: Arc::new(authenticator),
+            denials: Arc::new(DenialRecorder::new(ledger.clone(), config.clock.clone())),
+        };
         let drain = Arc::new(Drain::default());
         let (health, health_service) = tonic_health::server::health_reporter();
         server::set_health(&health, ServingStatus::NotServing).await;
         let safe_mode_api =
             SafeModeApi::new(control.clone(), config.watch_heartbeat, drain.clone());
         let routes = server::routes(&ledger, safe_mode_api, health_service);
-        Ok(App { config, grpc, http, ledger, control, drain, health, routes })
+        Ok(App { config, grpc, http, ledger, control, auth, drain, health, routes })
     }
 
     /// The bound gRPC address.
@@ -129,35 +154,39 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let (grpc_addr, metrics_addr) = (self.grpc_addr(), self.metrics_addr());
-        let App { config, grpc, http, ledger, control, drain, health, routes } = self;
+        let App { config, grpc, http, ledger, control, auth, drain, health, routes } = self;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let stop_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
 
         let grpc_server = tokio::spawn(
-            server::server(drain.clone()).add_routes(routes).serve_with_incoming_shutdown(
-                // Small responses must not wait for Nagle's algorithm.
-                TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                stop_signal(stopped.clone()),
-            ),
+            server::server(drain.clone(), auth.clone())
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(
+                    // Small responses must not wait for Nagle's algorithm.
+                    TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                    stop_signal(stopped.clone()),
+                ),
         );
         let http_server = tokio::spawn(
             axum::serve(http, http::router(ledger.clone(), drain.clone()))
                 .with_graceful_shutdown(stop_signal(stopped.clone()))
                 .into_future(),
         );
-        // Blocked-call aggregates are written once their second is over.
+        // Aggregates of refusals are written once their second is over.
         let flusher = {
-            let control = control.clone();
+            let (control, denials) = (control.clone(), auth.denials.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_millis(500));
                 loop {
                     tick.tick().await;
                     control.flush_blocked(false).await;
+                    denials.flush(false).await;
                 }
             })
         };
+        let reloader = tokio::spawn(reload_on_sighup(auth.auth.clone(), ledger.clone()));
         server::set_health(&health, ServingStatus::Serving).await;
         tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "brain-ops serving");
 
@@ -174,7 +203,9 @@ impl App {
         let grpc_result = tokio::time::timeout(grace, grpc_server).await;
         let http_result = tokio::time::timeout(grace, http_server).await;
         flusher.abort();
+        reloader.abort();
         control.flush_blocked(true).await;
+        auth.denials.flush(true).await;
         ledger.shutdown().await;
         tracing::info!("brain-ops stopped");
         if let Ok(Ok(Err(e))) = grpc_result {
@@ -185,6 +216,47 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// Reloads the principals file on every SIGHUP, atomically: a file that cannot be used is
+/// rejected and the principals in force stay. Each attempt is recorded.
+async fn reload_on_sighup(auth: Arc<Authenticator>, ledger: Ledger) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; principals reload is unavailable");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            if !auth.is_on() {
+                tracing::info!("SIGHUP: no principals file to reload");
+                continue;
+            }
+            let draft = match auth.reload() {
+                Ok(principals) => {
+                    tracing::info!(principals = principals.len(), "principals reloaded");
+                    Draft::new("system.principals_reloaded", safe_mode::SERVICE_PRINCIPAL)
+                        .reason("SIGHUP: the principals file was reloaded")
+                        .meta("principals", principals.len().to_string())
+                        .meta("file_sha256", principals.file_sha256.clone())
+                }
+                Err(error) => {
+                    tracing::error!(%error, "principals reload rejected; the previous principals stay in force");
+                    Draft::new("system.principals_reload_failed", safe_mode::SERVICE_PRINCIPAL)
+                        .severity(Severity::Warning)
+                        .failed()
+                        .reason("SIGHUP: the principals file was rejected; the previous principals stay in force")
+                        .meta("error", error.to_string().chars().take(1000).collect::<String>())
+                }
+            };
+            if let Err(error) = ledger.append(vec![draft]).await {
+                tracing::error!(%error, "could not record the principals reload");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (auth, ledger);
 }
 
 async fn bind(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {

@@ -4,6 +4,7 @@
 
 mod audit;
 mod safe_mode;
+mod token;
 
 use std::time::Duration;
 
@@ -49,6 +50,11 @@ pub enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: audit::AuditCommand,
+    },
+    /// Make bearer tokens for the principals file (offline).
+    Token {
+        #[command(subcommand)]
+        command: token::TokenCommand,
     },
     /// Freeze and thaw the platform, check operations, watch the kill switch.
     SafeMode {
@@ -158,6 +164,7 @@ pub async fn run_client(command: Command) -> u8 {
         Command::Serve(_) => unreachable!("serve is not a client command"),
         Command::Audit { client, command } => audit::run(&client, command).await,
         Command::SafeMode { client, command } => safe_mode::run(&client, command).await,
+        Command::Token { command } => token::run(command),
     };
     match result {
         Ok(code) => code,

@@ -2,6 +2,7 @@
 //! types and domain types live in [`convert`]; the error table is here.
 
 pub mod audit;
+pub mod authn;
 pub mod convert;
 pub mod safe_mode;
 
@@ -13,9 +14,12 @@ use crate::safe_mode::SafeModeError;
 /// The principal every caller is while authentication is off.
 pub const ANONYMOUS: &str = "anonymous";
 
-/// The authenticated principal of a request.
-pub fn principal<T>(_request: &tonic::Request<T>) -> String {
-    ANONYMOUS.to_owned()
+/// The authenticated principal of a request, put there by [`authn::AuthLayer`].
+pub fn principal<T>(request: &tonic::Request<T>) -> String {
+    request
+        .extensions()
+        .get::<std::sync::Arc<crate::auth::Principal>>()
+        .map_or_else(|| ANONYMOUS.to_owned(), |p| p.name.clone())
 }
 
 /// The one table that maps domain errors to gRPC statuses. Clients get a clear message and the
