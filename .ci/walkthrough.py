@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Runs the README's walkthrough against a live `brain-ops serve` and checks every output.
 
+Steps run in one scratch directory, in order, each in its own bash; a step that starts a
+background server writes its pid to `<name>.pid` there, and the server is stopped at the end.
 The README marks each step as a fenced block whose info string is `sh walkthrough`, followed by
 a fenced block (`json` or `text`) holding the expected output. In expected output, `<hash>`
 matches 64 hex digits, `<time>` an RFC 3339 UTC time, `<n>` a whole number, `<any>` anything;
@@ -125,6 +127,13 @@ def main():
             sys.exit("the README has no walkthrough steps")
         print(f"walkthrough: {count} passed, 0 failed")
     finally:
+        # Servers a step started in the background leave their pid in <name>.pid.
+        for name in os.listdir(data):
+            if name.endswith(".pid"):
+                try:
+                    os.kill(int(open(os.path.join(data, name)).read().strip()), signal.SIGTERM)
+                except (ValueError, ProcessLookupError):
+                    pass
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=30)
         if code != 0:

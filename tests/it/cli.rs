@@ -160,3 +160,30 @@ async fn safe_mode_watch_prints_changes_and_exits_3_when_the_stream_goes_stale()
         .expect("status");
     assert_eq!(status.code(), Some(3));
 }
+
+#[tokio::test]
+async fn token_new_prints_a_token_whose_digest_goes_into_a_loadable_principals_file() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let file = dir.path().join("principals.toml");
+    let file_arg = file.to_str().expect("utf8");
+    let (code, stdout, stderr) =
+        run("unused", &["token", "new", "--name", "ops-alice", "--role", "operator", "-o", "json"])
+            .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let made: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    let token = made["token"].as_str().expect("token");
+    use sha2::Digest;
+    assert_eq!(made["token_sha256"], hex::encode(sha2::Sha256::digest(token.as_bytes())));
+
+    for name in ["ops-alice", "factory-executor"] {
+        let (code, stdout, _) = run(
+            "unused",
+            &["token", "new", "--name", name, "--role", "service", "--append-to", file_arg],
+        )
+        .await;
+        assert_eq!(code, Some(0));
+        assert!(stdout.trim().starts_with("brainops_") && stdout.lines().count() == 1, "{stdout}");
+    }
+    let principals = brain_ops::auth::Principals::load(&file).expect("the file loads");
+    assert_eq!(principals.len(), 2);
+}

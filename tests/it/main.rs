@@ -1,6 +1,7 @@
 //! The one integration-test binary: real servers on port 0, real gRPC.
 #![allow(unreachable_pub)]
 
+mod auth;
 mod canonical;
 mod cli;
 mod config;
