@@ -1,15 +1,16 @@
 //! The audit domain: recording sibling events, listing stored records and verifying the chain.
 
 use std::ops::ControlFlow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::ledger::record::{Draft, InvalidField, Record, is_reserved_event_type};
+use crate::ledger::record::{Draft, InvalidField, Record, Severity, is_reserved_event_type};
 use crate::ledger::store::Storage;
 use crate::ledger::verify::ChainVerifier;
-use crate::ledger::{AppendError, Appended, Ledger};
+use crate::ledger::{AppendError, Appended, Decision, Ledger};
+use crate::state::{State, events};
 
 /// Most records in one `RecordBatch`.
 pub const MAX_BATCH_RECORDS: usize = 1000;
@@ -122,17 +123,40 @@ impl AuditLog {
             })?;
             draft.redact();
         }
-        self.ledger.append(drafts).await.map_err(|e| match e {
+        // Decided against the pending state, so that a report and the violation it reveals
+        // are stored together, in one batch, or not at all.
+        let positions = Arc::new(Mutex::new(Vec::new()));
+        let decision = {
+            let positions = positions.clone();
+            move |state: &State| {
+                let mut out = Vec::with_capacity(drafts.len());
+                let mut originals = Vec::with_capacity(drafts.len());
+                for draft in drafts {
+                    let violations = violations_revealed_by(&draft, state);
+                    originals.push(out.len());
+                    out.push(draft);
+                    out.extend(violations);
+                }
+                *positions.lock().unwrap_or_else(|e| e.into_inner()) = originals;
+                Decision { drafts: out, safe_direction: false }
+            }
+        };
+        let decided = self.ledger.decide(decision).await;
+        let positions = std::mem::take(&mut *positions.lock().unwrap_or_else(|e| e.into_inner()));
+        // Errors name the producer's record, not the position among the stored events.
+        let original = |i: usize| positions.iter().rposition(|p| *p <= i).unwrap_or(0);
+        let decided = decided.map_err(|e| match e {
             AppendError::TooLarge { index: i, source } => AuditError::Invalid {
-                index: index(i),
+                index: index(original(i)),
                 invalid: InvalidField::new("event", source.to_string()),
             },
             AppendError::KeyConflict { index: i, key, seq } => {
-                AuditError::KeyConflict { index: index(i), key, seq }
+                AuditError::KeyConflict { index: index(original(i)), key, seq }
             }
             AppendError::Unavailable(why) => AuditError::Unavailable(why),
             AppendError::Closed => AuditError::Unavailable("brain-ops is shutting down".into()),
-        })
+        })?;
+        Ok(positions.iter().filter_map(|p| decided.appended.get(*p).cloned()).collect())
     }
 
     /// One page of stored records, up to the acknowledged head.
@@ -218,6 +242,56 @@ fn stored_hash(bytes: &[u8]) -> String {
     serde_json::from_slice::<HashOnly>(bytes)
         .map(|h| h.hash)
         .unwrap_or_else(|_| hex::encode(Sha256::digest(bytes)))
+}
+
+/// Work reported as started while safe mode is on.
+fn is_work_started(event_type: &str) -> bool {
+    event_type == "factory.execution_started"
+        || event_type.ends_with(".deployment_started")
+        || event_type == "sovereign.bundle_loaded"
+}
+
+/// The CRITICAL events a report reveals: work started during a freeze (a bypass of safe mode),
+/// or a forced action that names no consumed override. A retried report (same idempotency key)
+/// reveals the same violation, which is then a duplicate too.
+fn violations_revealed_by(draft: &Draft, state: &State) -> Vec<Draft> {
+    let mut found = Vec::new();
+    let derived_key =
+        |suffix: &str| draft.idempotency_key.as_ref().map(|k| format!("{k}#{suffix}"));
+    if state.safe_mode.enabled && is_work_started(&draft.event_type) {
+        let mut violation = Draft::new(events::SAFE_MODE_VIOLATION, &draft.source)
+            .severity(Severity::Critical)
+            .failed()
+            .reason(format!(
+                "{} reported by {} while safe mode is on: work started during a freeze",
+                draft.event_type, draft.source
+            ))
+            .meta("reported_event_type", draft.event_type.clone())
+            .meta("safe_mode_revision", state.safe_mode.revision.to_string());
+        violation.bundle_id.clone_from(&draft.bundle_id);
+        violation.idempotency_key = derived_key("safe_mode_violation");
+        found.push(violation);
+    }
+    if draft.metadata.get("forced").is_some_and(|f| f == "true") {
+        let named = draft.metadata.get("override_id");
+        if !named.is_some_and(|id| state.consumed_overrides.contains(id)) {
+            let mut violation = Draft::new(events::OVERRIDE_VIOLATION, &draft.source)
+                .severity(Severity::Critical)
+                .failed()
+                .reason(format!(
+                    "{} reported by {} as forced without a consumed override{}",
+                    draft.event_type,
+                    draft.source,
+                    named
+                        .map(|id| format!(" (override_id {id:?} was not consumed)"))
+                        .unwrap_or_default()
+                ))
+                .meta("reported_event_type", draft.event_type.clone());
+            violation.idempotency_key = derived_key("override_violation");
+            found.push(violation);
+        }
+    }
+    found
 }
 
 /// The fields `List` needs, read without decoding the whole record.

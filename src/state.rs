@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::ledger::record::{Record, parse_time};
+use crate::ledger::record::{Mode, Record, parse_time};
 
 /// Event types that drive the projection.
 pub mod events {
@@ -14,6 +14,17 @@ pub mod events {
     pub const INTEGRITY_ACKNOWLEDGED: &str = "system.integrity_acknowledged";
     pub const CLOCK_REGRESSION: &str = "system.clock_regression";
     pub const EXECUTION_BLOCKED: &str = "system.safe_mode_execution_blocked";
+    pub const SAFE_MODE_VIOLATION: &str = "system.safe_mode_violation";
+    pub const OVERRIDE_VIOLATION: &str = "system.override_violation";
+    pub const PERMISSION_DENIED: &str = "system.permission_denied";
+    pub const OVERRIDE_CONSUMED: &str = "override.consumed";
+    pub const MODE_CHANGED: &str = "sovereign.mode_changed";
+    pub const BUNDLE_QUARANTINED: &str = "sovereign.bundle_quarantined";
+    pub const BUNDLE_RELEASED: &str = "sovereign.bundle_released";
+    pub const STEP_FAILED: &str = "factory.step_failed";
+    pub const EXECUTION_FAILED: &str = "factory.execution_failed";
+    pub const STEP_COMPLETED: &str = "factory.step_completed";
+    pub const EXECUTION_COMPLETED: &str = "factory.execution_completed";
 }
 
 /// The kinds of operation safe mode blocks.
@@ -127,6 +138,40 @@ pub struct State {
     pub clock_regressions: u64,
     /// Blocked `CheckOperation` calls by kind (execution, deployment, bundle load).
     pub blocked: [u64; 3],
+    /// The operational picture reported by the siblings.
+    pub operations: Operations,
+    /// Refusals and violations on record.
+    pub violations: Violations,
+    /// Ids of overrides consumed (from `override.consumed`), which forced actions must name.
+    pub consumed_overrides: BTreeSet<String>,
+}
+
+/// What the siblings report, folded into the numbers dashboards use.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Operations {
+    /// The current operation mode (`None` until a sibling reports one; shown as online).
+    pub mode: Option<Mode>,
+    /// `sovereign.mode_changed` events whose mode really changed.
+    pub mode_switches: u64,
+    /// Quarantines, not counting a bundle again while it is still quarantined.
+    pub quarantines: u64,
+    /// Bundles quarantined and not released since.
+    pub quarantined_bundles: BTreeSet<String>,
+    /// `factory.step_failed` + `factory.execution_failed`.
+    pub executor_failures: u64,
+    /// Microseconds of the last successful execution or step; `None` if there was none.
+    pub last_success_micros: Option<i64>,
+}
+
+/// Counts of what went wrong, by kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Violations {
+    pub safe_mode: u64,
+    pub override_use: u64,
+    /// Refused calls (sum of the counts of `system.permission_denied`).
+    pub permission_denied: u64,
+    /// `system.integrity_violation` events.
+    pub integrity: u64,
 }
 
 /// Metadata key listing damage tags in integrity events, comma-separated.
@@ -158,21 +203,58 @@ impl State {
             }
             events::INTEGRITY_VIOLATION => {
                 self.integrity.reported.extend(damage_tags(record));
+                self.violations.integrity += 1;
+            }
+            events::SAFE_MODE_VIOLATION => self.violations.safe_mode += 1,
+            events::OVERRIDE_CONSUMED => {
+                if let Some(id) = record.metadata.get("override_id") {
+                    self.consumed_overrides.insert(id.clone());
+                }
+            }
+            events::OVERRIDE_VIOLATION => self.violations.override_use += 1,
+            events::PERMISSION_DENIED => self.violations.permission_denied += count(record),
+            events::MODE_CHANGED => {
+                if record.mode_after.is_some() && record.mode_before != record.mode_after {
+                    self.operations.mode_switches += 1;
+                }
+                if let Some(mode) = record.mode_after {
+                    self.operations.mode = Some(mode);
+                }
+            }
+            events::BUNDLE_QUARANTINED => {
+                let bundle = record.bundle_id.clone().unwrap_or_default();
+                if self.operations.quarantined_bundles.insert(bundle) {
+                    self.operations.quarantines += 1;
+                }
+            }
+            events::BUNDLE_RELEASED => {
+                let bundle = record.bundle_id.clone().unwrap_or_default();
+                self.operations.quarantined_bundles.remove(&bundle);
+            }
+            events::STEP_FAILED | events::EXECUTION_FAILED => {
+                self.operations.executor_failures += 1;
+            }
+            events::STEP_COMPLETED | events::EXECUTION_COMPLETED if record.success => {
+                self.operations.last_success_micros = parse_time(&record.time);
             }
             events::INTEGRITY_ACKNOWLEDGED => {
                 self.integrity.acknowledged.extend(damage_tags(record));
             }
             events::CLOCK_REGRESSION => self.clock_regressions += 1,
             events::EXECUTION_BLOCKED => {
-                let count = record.metadata.get("count").and_then(|c| c.parse::<u64>().ok());
                 let kind = record.metadata.get("kind").and_then(|k| OperationKind::parse(k));
                 if let Some(kind) = kind {
-                    self.blocked[kind as usize] += count.unwrap_or(1);
+                    self.blocked[kind as usize] += count(record);
                 }
             }
             _ => {}
         }
     }
+}
+
+/// The `count` metadata of an event that may stand for several occurrences (1 when absent).
+fn count(record: &Record) -> u64 {
+    record.metadata.get("count").and_then(|c| c.parse().ok()).unwrap_or(1)
 }
 
 fn damage_tags(record: &Record) -> impl Iterator<Item = String> + '_ {
