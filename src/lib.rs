@@ -10,6 +10,7 @@ pub mod drain;
 pub mod grpc;
 pub mod http;
 pub mod ledger;
+pub mod metrics;
 pub mod pb;
 pub mod safe_mode;
 pub mod server;

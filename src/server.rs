@@ -14,6 +14,8 @@ use tower::layer::util::{Identity, Stack};
 use crate::drain::{Drain, DrainLayer};
 use crate::grpc::audit::AuditApi;
 use crate::grpc::authn::AuthLayer;
+use crate::grpc::metrics::MetricsApi;
+use crate::grpc::observe::ObserveLayer;
 use crate::grpc::safe_mode::SafeModeApi;
 use crate::ledger::Ledger;
 use crate::pb;
@@ -45,6 +47,7 @@ pub async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
 pub fn routes(
     ledger: &Ledger,
     safe_mode: SafeModeApi,
+    metrics: MetricsApi,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -72,7 +75,7 @@ pub fn routes(
         .add_service(safe_mode)
         .add_service(audit)
         .add_service(pb::evidence_service_server::EvidenceServiceServer::new(Unimplemented))
-        .add_service(pb::metrics_service_server::MetricsServiceServer::new(Unimplemented))
+        .add_service(pb::metrics_service_server::MetricsServiceServer::new(metrics))
         .add_service(pb::override_service_server::OverrideServiceServer::new(Unimplemented))
 }
 
@@ -81,18 +84,23 @@ pub fn routes(
 pub struct Unimplemented;
 
 impl pb::evidence_service_server::EvidenceService for Unimplemented {}
-impl pb::metrics_service_server::MetricsService for Unimplemented {}
 impl pb::override_service_server::OverrideService for Unimplemented {}
 
 /// The server's layers, outermost first.
-type Layers = Stack<AuthLayer, Stack<DrainLayer, Identity>>;
+type Layers = Stack<AuthLayer, Stack<DrainLayer, Stack<ObserveLayer, Identity>>>;
 
 /// The server with its layer stack.
-pub fn server(drain: Arc<Drain>, auth: AuthLayer) -> tonic::transport::Server<Layers> {
+pub fn server(
+    observe: ObserveLayer,
+    drain: Arc<Drain>,
+    auth: AuthLayer,
+) -> tonic::transport::Server<Layers> {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        // Outermost: while draining, refuse new calls before any work is done, and count the
+        // Outermost of all: every call is timed and counted with its outcome, refusals too.
+        .layer(observe)
+        // Next: while draining, refuse new calls before any work is done, and count the
         // calls in flight so that shutdown can wait for them.
         .layer(DrainLayer(drain))
         // Then authentication and roles, before any service sees the call; health and

@@ -15,9 +15,12 @@ use crate::auth::{Authenticator, DenialRecorder, PrincipalsError};
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::grpc::authn::AuthLayer;
+use crate::grpc::metrics::MetricsApi;
+use crate::grpc::observe::ObserveLayer;
 use crate::grpc::safe_mode::SafeModeApi;
 use crate::ledger::record::{Draft, Severity};
 use crate::ledger::{Ledger, LedgerOptions};
+use crate::metrics::Metrics;
 use crate::safe_mode::SafeModeControl;
 use crate::{http, safe_mode, server};
 
@@ -28,6 +31,8 @@ pub enum StartError {
     Bind { setting: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("the ledger could not be opened: {0}")]
     Ledger(String),
+    #[error("metrics could not be set up: {0}")]
+    Metrics(String),
     #[error("invalid setting --auth-file / BRAIN_AUTH_FILE: {0}")]
     Principals(#[from] PrincipalsError),
 }
@@ -56,6 +61,7 @@ pub struct App {
     http: TcpListener,
     ledger: Ledger,
     control: Arc<SafeModeControl>,
+    metrics: Arc<Metrics>,
     auth: AuthLayer,
     drain: Arc<Drain>,
     health: HealthReporter,
@@ -66,6 +72,7 @@ impl App {
     /// Binds the listeners, opens and verifies the ledger, rebuilds the state, and records what
     /// the start found (integrity damage, `BRAIN_SAFE_MODE`).
     pub async fn build(config: Config) -> Result<App, StartError> {
+        let metrics = Arc::new(Metrics::new().map_err(StartError::Metrics)?);
         let authenticator = match &config.auth_file {
             Some(path) => Authenticator::from_file(path)?,
             None => Authenticator::off(),
@@ -79,6 +86,7 @@ impl App {
             clock: config.clock.clone(),
             idempotency_retention: config.idempotency_retention,
             fail_closed: safe_mode::fail_closed(),
+            observer: Some(metrics.append_observer()),
         };
         let (ledger, report) = tokio::task::spawn_blocking(move || Ledger::open(options))
             .await
@@ -94,6 +102,7 @@ impl App {
                 "ledger integrity violation"
             );
         }
+        metrics.observe(&ledger);
         let state = ledger.state();
         tracing::info!(
             head_seq = state.head.seq,
@@ -125,10 +134,15 @@ impl App {
         let drain = Arc::new(Drain::default());
         let (health, health_service) = tonic_health::server::health_reporter();
         server::set_health(&health, ServingStatus::NotServing).await;
-        let safe_mode_api =
-            SafeModeApi::new(control.clone(), config.watch_heartbeat, drain.clone());
-        let routes = server::routes(&ledger, safe_mode_api, health_service);
-        Ok(App { config, grpc, http, ledger, control, auth, drain, health, routes })
+        let safe_mode_api = SafeModeApi::new(
+            control.clone(),
+            config.watch_heartbeat,
+            drain.clone(),
+            metrics.watch_streams.clone(),
+        );
+        let metrics_api = MetricsApi::new(ledger.clone(), metrics.clone());
+        let routes = server::routes(&ledger, safe_mode_api, metrics_api, health_service);
+        Ok(App { config, grpc, http, ledger, control, metrics, auth, drain, health, routes })
     }
 
     /// The bound gRPC address.
@@ -154,14 +168,15 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let (grpc_addr, metrics_addr) = (self.grpc_addr(), self.metrics_addr());
-        let App { config, grpc, http, ledger, control, auth, drain, health, routes } = self;
+        let App { config, grpc, http, ledger, control, metrics, auth, drain, health, routes } =
+            self;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let stop_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
 
         let grpc_server = tokio::spawn(
-            server::server(drain.clone(), auth.clone())
+            server::server(ObserveLayer(metrics.clone()), drain.clone(), auth.clone())
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(
                     // Small responses must not wait for Nagle's algorithm.
@@ -170,7 +185,7 @@ impl App {
                 ),
         );
         let http_server = tokio::spawn(
-            axum::serve(http, http::router(ledger.clone(), drain.clone()))
+            axum::serve(http, http::router(ledger.clone(), drain.clone(), metrics.clone()))
                 .with_graceful_shutdown(stop_signal(stopped.clone()))
                 .into_future(),
         );
@@ -187,6 +202,20 @@ impl App {
             })
         };
         let reloader = tokio::spawn(reload_on_sighup(auth.auth.clone(), ledger.clone()));
+        // The ledger's size on disk is read from the filesystem here, never during a scrape.
+        let sizer = {
+            let (ledger, bytes) = (ledger.clone(), metrics.ledger_bytes.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(10));
+                loop {
+                    tick.tick().await;
+                    if let Some(store) = ledger.store() {
+                        let size = tokio::task::spawn_blocking(move || store.size_on_disk()).await;
+                        bytes.store(size.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+        };
         server::set_health(&health, ServingStatus::Serving).await;
         tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "brain-ops serving");
 
@@ -204,9 +233,11 @@ impl App {
         let http_result = tokio::time::timeout(grace, http_server).await;
         flusher.abort();
         reloader.abort();
+        sizer.abort();
         control.flush_blocked(true).await;
         auth.denials.flush(true).await;
         ledger.shutdown().await;
+        metrics.shutdown();
         tracing::info!("brain-ops stopped");
         if let Ok(Ok(Err(e))) = grpc_result {
             return Err(e.into());

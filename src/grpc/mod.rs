@@ -4,6 +4,8 @@
 pub mod audit;
 pub mod authn;
 pub mod convert;
+pub mod metrics;
+pub mod observe;
 pub mod safe_mode;
 
 use tonic::Status;

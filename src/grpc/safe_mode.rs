@@ -1,6 +1,7 @@
 //! SafeModeService over gRPC.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -21,6 +22,8 @@ pub struct SafeModeApi {
     control: Arc<SafeModeControl>,
     heartbeat: Duration,
     drain: Arc<Drain>,
+    /// Live `Watch` streams, for the metrics.
+    streams: Arc<AtomicI64>,
 }
 
 impl SafeModeApi {
@@ -28,8 +31,9 @@ impl SafeModeApi {
         control: Arc<SafeModeControl>,
         heartbeat: Duration,
         drain: Arc<Drain>,
+        streams: Arc<AtomicI64>,
     ) -> SafeModeApi {
-        SafeModeApi { control, heartbeat, drain }
+        SafeModeApi { control, heartbeat, drain, streams }
     }
 }
 
@@ -97,7 +101,17 @@ impl pb::safe_mode_service_server::SafeModeService for SafeModeApi {
         // A small buffer: a client that stops reading only stalls its own stream task; the
         // writer publishes through a watch channel and never waits for it. Updates coalesce.
         let (tx, rx) = mpsc::channel(2);
+        let streams = self.streams.clone();
+        streams.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
+            // Counted while the stream task runs; it ends when the client goes away.
+            struct Live(Arc<AtomicI64>);
+            impl Drop for Live {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            let _live = Live(streams);
             tokio::pin!(drain);
             let mut last = states.borrow_and_update().safe_mode.clone();
             let mut ticker =

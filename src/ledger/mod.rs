@@ -39,7 +39,12 @@ pub struct LedgerOptions {
     pub idempotency_retention: Duration,
     /// What takes effect when storage fails and cannot be recovered (a freeze).
     pub fail_closed: FailClosed,
+    /// Told how long every storage append took and whether it succeeded.
+    pub observer: Option<AppendObserver>,
 }
+
+/// Called by the writer after every storage append with its duration and outcome.
+pub type AppendObserver = Arc<dyn Fn(Duration, bool) + Send + Sync>;
 
 impl std::fmt::Debug for LedgerOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -141,6 +146,7 @@ impl Ledger {
             index,
             options.clock,
             options.fail_closed,
+            options.observer,
             storage_error.clone(),
         );
         let ledger = Ledger {

@@ -25,7 +25,7 @@ use super::clock::Clock;
 use super::idempotency::{IdempotencyIndex, Lookup, draft_digest};
 use super::record::{Draft, Record, Sealed, Severity, format_time};
 use super::store::Storage;
-use super::{AppendError, Appended, FailClosed, StorageHealth};
+use super::{AppendError, AppendObserver, Appended, FailClosed, StorageHealth};
 use crate::state::{SafeMode, State, events};
 
 /// Commands taken into one batch at most.
@@ -81,6 +81,7 @@ struct Writer {
     store: Option<Arc<dyn Storage>>,
     clock: Arc<dyn Clock>,
     fail_closed: FailClosed,
+    observer: Option<AppendObserver>,
     /// The durable state.
     committed: Arc<State>,
     pending: State,
@@ -111,6 +112,7 @@ pub(super) fn spawn(
     index: IdempotencyIndex,
     clock: Arc<dyn Clock>,
     fail_closed: FailClosed,
+    observer: Option<AppendObserver>,
     fault: Option<String>,
 ) -> Spawned {
     let (commands, queue) = mpsc::channel(QUEUE_DEPTH);
@@ -126,6 +128,7 @@ pub(super) fn spawn(
         store,
         clock,
         fail_closed,
+        observer,
         regressing: false,
         fault,
         state_tx,
@@ -315,7 +318,12 @@ impl Writer {
         };
         let records: Vec<(u64, &[u8])> =
             staged.iter().map(|s| (s.record.seq, s.bytes.as_slice())).collect();
-        match store.append(&records) {
+        let started = std::time::Instant::now();
+        let appended = store.append(&records);
+        if let Some(observer) = &self.observer {
+            observer(started.elapsed(), appended.is_ok());
+        }
+        match appended {
             Ok(()) => {
                 self.committed = Arc::new(self.pending.clone());
                 self.publish();
