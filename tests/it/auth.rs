@@ -422,3 +422,33 @@ async fn a_bad_principals_file_exits_64_naming_the_setting() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn the_same_idempotency_key_from_two_principals_records_two_events() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let file = dir.path().join("principals.toml");
+    let tokens = write_principals(
+        &file,
+        &[("executor-a", "service"), ("executor-b", "service"), ("audit-bob", "auditor")],
+    );
+    let app = spawn_app_in(&dir.path().join("data"), |config| config.auth_file = Some(file)).await;
+    let mut audit = AuditServiceClient::new(app.channel.clone());
+    let mut seqs = Vec::new();
+    for who in ["executor-a", "executor-b", "executor-a"] {
+        let request = pb::RecordRequest {
+            event: Some(event("factory.step_completed", "same payload")),
+            idempotency_key: "step-1".into(),
+        };
+        let answer = audit
+            .record(with_token(request, Some(&tokens[who])))
+            .await
+            .expect("recorded")
+            .into_inner();
+        seqs.push((answer.seq, answer.duplicate));
+    }
+    assert_eq!(seqs, [(1, false), (2, false), (1, true)], "keys are scoped to their principal");
+    let stored = list_as(&app, &tokens["audit-bob"]).await;
+    let sources: Vec<_> =
+        stored.iter().map(|e| record_of(e)["source"].as_str().unwrap_or("").to_owned()).collect();
+    assert_eq!(sources, ["executor-a", "executor-b"]);
+}

@@ -9,5 +9,6 @@ mod helpers;
 mod integrity;
 mod ledger;
 mod list;
+mod metrics;
 mod safe_mode;
 mod server;
