@@ -140,7 +140,7 @@ impl SledStore {
         options: SledOptions,
         faults: Arc<Faults>,
     ) -> Result<SledStore, StorageError> {
-        let open = open_sled(dir, &options)?;
+        let open = open_with_retry(dir, &options)?;
         Ok(SledStore { dir: dir.to_owned(), options, faults, open: RwLock::new(Some(open)) })
     }
 
@@ -182,6 +182,9 @@ fn open_sled(dir: &Path, options: &SledOptions) -> Result<Open, StorageError> {
         .segment_size(SEGMENT_SIZE)
         .cache_capacity(options.cache_capacity)
         .mode(sled::Mode::HighThroughput)
+        // Every batch is flushed and fsynced by the writer; sled's own background flusher
+        // would only add a thread that outlives the handle.
+        .flush_every_ms(None)
         .open()?;
     let events = db.open_tree(EVENTS_TREE)?;
     let log = File::options().read(true).write(true).open(dir.join("db"))?;
@@ -194,6 +197,24 @@ fn open_sled(dir: &Path, options: &SledOptions) -> Result<Open, StorageError> {
     }
     File::open(dir)?.sync_all()?;
     Ok(Open { db, events, log })
+}
+
+/// sled holds an exclusive file lock until its last handle is gone; a handle that is being
+/// dropped (a reader finishing a scan, a previous instance in the same process) holds it for a
+/// moment, so opening is retried for a short while.
+fn open_with_retry(dir: &Path, options: &SledOptions) -> Result<Open, StorageError> {
+    let mut attempts = 0;
+    loop {
+        match open_sled(dir, options) {
+            Ok(open) => return Ok(open),
+            Err(e) if attempts < 50 => {
+                attempts += 1;
+                tracing::debug!(error = %e, attempts, "ledger store busy; retrying");
+                std::thread::sleep(Duration::from_millis(40));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn key(seq: u64) -> [u8; 8] {
@@ -263,20 +284,8 @@ impl Storage for SledStore {
     fn reopen(&self) -> Result<(), StorageError> {
         let mut guard = self.open.write().unwrap_or_else(|e| e.into_inner());
         guard.take();
-        // sled holds an exclusive file lock until every handle is gone; a reader still scanning
-        // holds one for a moment.
-        let mut last_error = None;
-        for _ in 0..50 {
-            match open_sled(&self.dir, &self.options) {
-                Ok(open) => {
-                    *guard = Some(open);
-                    return Ok(());
-                }
-                Err(e) => last_error = Some(e),
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(last_error.unwrap_or(StorageError::Closed))
+        *guard = Some(open_with_retry(&self.dir, &self.options)?);
+        Ok(())
     }
 
     fn size_on_disk(&self) -> u64 {

@@ -8,8 +8,11 @@ use tonic::Code;
 
 use crate::helpers::{TestApp, event, http_get, record_of, spawn_app, spawn_app_in};
 
-/// Scrapes /metrics and parses it with a Prometheus text parser: name → [(labels, value)].
-async fn scrape(app: &TestApp) -> HashMap<String, Vec<(HashMap<String, String>, f64)>> {
+/// Metric name → its series as (labels, value).
+type Scraped = HashMap<String, Vec<(HashMap<String, String>, f64)>>;
+
+/// Scrapes /metrics and parses it with a Prometheus text parser.
+async fn scrape(app: &TestApp) -> Scraped {
     let (code, body) = http_get(app.metrics_addr, "/metrics").await;
     assert_eq!(code, 200);
     let lines = body.lines().map(|l| Ok(l.to_owned()));
@@ -32,7 +35,7 @@ async fn scrape(app: &TestApp) -> HashMap<String, Vec<(HashMap<String, String>, 
     by_name
 }
 
-fn value(metrics: &HashMap<String, Vec<(HashMap<String, String>, f64)>>, name: &str) -> f64 {
+fn value(metrics: &Scraped, name: &str) -> f64 {
     let series = metrics.get(name).unwrap_or_else(|| panic!("{name} is exported"));
     assert_eq!(series.len(), 1, "{name} has one series");
     series[0].1
