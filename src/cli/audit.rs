@@ -1,6 +1,6 @@
 //! `brain-ops audit list|verify`.
 
-use clap::Subcommand;
+use clap::{Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use super::{ClientArgs, Failure, Output, exit, print_json};
@@ -11,6 +11,37 @@ use crate::pb::audit_service_client::AuditServiceClient;
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
+    /// Record one event (for scripts and drills); prints its seq and hash once durable.
+    Record {
+        /// Event type, e.g. factory.step_failed.
+        #[arg(long = "type")]
+        event_type: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// info, warning, error or critical (default: derived from the type).
+        #[arg(long, value_enum)]
+        severity: Option<SeverityArg>,
+        /// The reporter's own actor string.
+        #[arg(long, default_value = "")]
+        triggered_by: String,
+        #[arg(long, default_value = "")]
+        error: String,
+        #[arg(long, default_value = "")]
+        bundle_id: String,
+        #[arg(long, value_enum)]
+        mode_before: Option<ModeArg>,
+        #[arg(long, value_enum)]
+        mode_after: Option<ModeArg>,
+        /// Report a failure (success = false).
+        #[arg(long)]
+        failed: bool,
+        /// Metadata entry key=value (repeatable).
+        #[arg(long = "meta", value_parser = parse_meta)]
+        metadata: Vec<(String, String)>,
+        /// Makes retries safe: a repeat answers the original seq.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+    },
     /// List stored events in seq order.
     List {
         /// Only events at or after this time (RFC 3339).
@@ -47,6 +78,49 @@ pub(super) async fn run(client: &ClientArgs, command: AuditCommand) -> Result<u8
     let (channel, bearer) = client.connect().await?;
     let mut audit = AuditServiceClient::with_interceptor(channel, bearer);
     match command {
+        AuditCommand::Record {
+            event_type,
+            reason,
+            severity,
+            triggered_by,
+            error,
+            bundle_id,
+            mode_before,
+            mode_after,
+            failed,
+            metadata,
+            idempotency_key,
+        } => {
+            let event = pb::Event {
+                event_type,
+                severity: severity.map_or(pb::Severity::Unspecified, Into::into).into(),
+                triggered_by,
+                reason,
+                success: failed.then_some(false),
+                error,
+                mode_before: mode_before.map_or(pb::OperationMode::Unspecified, Into::into).into(),
+                mode_after: mode_after.map_or(pb::OperationMode::Unspecified, Into::into).into(),
+                bundle_id,
+                metadata: metadata.into_iter().collect(),
+            };
+            let answer = audit
+                .record(pb::RecordRequest { event: Some(event), idempotency_key })
+                .await?
+                .into_inner();
+            match client.output {
+                Output::Json => print_json(&json!({
+                    "seq": answer.seq, "hash": answer.hash, "duplicate": answer.duplicate,
+                })),
+                Output::Human if answer.duplicate => {
+                    println!(
+                        "duplicate of seq {} (hash {}): nothing appended",
+                        answer.seq, answer.hash
+                    )
+                }
+                Output::Human => println!("recorded seq {} hash {}", answer.seq, answer.hash),
+            }
+            Ok(exit::OK)
+        }
         AuditCommand::List { from, to, type_prefix, after_seq, page_size, all } => {
             let time = |flag: &str, value: Option<String>| {
                 value
@@ -103,6 +177,50 @@ pub(super) async fn run(client: &ClientArgs, command: AuditCommand) -> Result<u8
                 ),
             }
             Ok(if report.valid { exit::OK } else { exit::NEGATIVE })
+        }
+    }
+}
+
+fn parse_meta(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not key=value"))
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SeverityArg {
+    Info,
+    Warning,
+    Error,
+    Critical,
+}
+
+impl From<SeverityArg> for pb::Severity {
+    fn from(s: SeverityArg) -> pb::Severity {
+        match s {
+            SeverityArg::Info => pb::Severity::Info,
+            SeverityArg::Warning => pb::Severity::Warning,
+            SeverityArg::Error => pb::Severity::Error,
+            SeverityArg::Critical => pb::Severity::Critical,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ModeArg {
+    Online,
+    Offline,
+    Sovereign,
+    Quarantine,
+}
+
+impl From<ModeArg> for pb::OperationMode {
+    fn from(m: ModeArg) -> pb::OperationMode {
+        match m {
+            ModeArg::Online => pb::OperationMode::Online,
+            ModeArg::Offline => pb::OperationMode::Offline,
+            ModeArg::Sovereign => pb::OperationMode::Sovereign,
+            ModeArg::Quarantine => pb::OperationMode::Quarantine,
         }
     }
 }

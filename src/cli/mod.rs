@@ -3,6 +3,7 @@
 //! `-o human|json` and `--timeout-seconds`, and exits with one of the codes in [`exit`].
 
 mod audit;
+mod metrics;
 mod safe_mode;
 mod token;
 
@@ -44,12 +45,19 @@ pub struct Cli {
 pub enum Command {
     /// Run the service.
     Serve(Box<ServeArgs>),
-    /// Read and verify the audit ledger.
+    /// Record, read and verify the audit ledger.
     Audit {
         #[command(flatten)]
         client: ClientArgs,
         #[command(subcommand)]
         command: audit::AuditCommand,
+    },
+    /// Read the operational picture.
+    Metrics {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: metrics::MetricsCommand,
     },
     /// Make bearer tokens for the principals file (offline).
     Token {
@@ -165,6 +173,7 @@ pub async fn run_client(command: Command) -> u8 {
         Command::Audit { client, command } => audit::run(&client, command).await,
         Command::SafeMode { client, command } => safe_mode::run(&client, command).await,
         Command::Token { command } => token::run(command),
+        Command::Metrics { client, command } => metrics::run(&client, command).await,
     };
     match result {
         Ok(code) => code,

@@ -187,3 +187,69 @@ async fn token_new_prints_a_token_whose_digest_goes_into_a_loadable_principals_f
     let principals = brain_ops::auth::Principals::load(&file).expect("the file loads");
     assert_eq!(principals.len(), 2);
 }
+
+#[tokio::test]
+async fn audit_record_and_metrics_summary_drive_and_read_the_projections() {
+    let app = spawn_app().await;
+    let server = format!("http://{}", app.grpc_addr);
+    let quarantine = [
+        "audit",
+        "record",
+        "--type",
+        "sovereign.bundle_quarantined",
+        "--bundle-id",
+        "b1",
+        "--reason",
+        "hash mismatch",
+        "--meta",
+        "expected_hash=aa",
+        "--meta",
+        "actual_hash=bb",
+        "--idempotency-key",
+        "q-b1",
+        "-o",
+        "json",
+    ];
+    let (code, stdout, stderr) = run(&server, &quarantine).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let first: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    let (_, stdout, _) = run(&server, &quarantine).await;
+    let again: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(
+        (again["seq"].clone(), again["duplicate"].as_bool()),
+        (first["seq"].clone(), Some(true))
+    );
+    let (code, _, _) = run(
+        &server,
+        &[
+            "audit",
+            "record",
+            "--type",
+            "sovereign.mode_changed",
+            "--mode-before",
+            "online",
+            "--mode-after",
+            "sovereign",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    let (code, _, stderr) =
+        run(&server, &["audit", "record", "--type", "factory.step_failed", "--meta", "nokey"])
+            .await;
+    assert_eq!(code, Some(2), "{stderr}");
+
+    let stored = app.list_all().await;
+    let quarantined = crate::helpers::record_of(&stored[0]);
+    assert_eq!(quarantined["metadata"]["expected_hash"], "aa");
+    assert_eq!(quarantined["severity"], "warning");
+
+    let (code, stdout, _) = run(&server, &["metrics", "summary", "-o", "json"]).await;
+    assert_eq!(code, Some(0));
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(summary["current_mode"], "sovereign");
+    assert_eq!(
+        (summary["quarantines"].as_u64(), summary["mode_switches"].as_u64()),
+        (Some(1), Some(1))
+    );
+}
