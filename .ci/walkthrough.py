@@ -125,6 +125,15 @@ def main():
             count += 1
         if count == 0:
             sys.exit("the README has no walkthrough steps")
+        # The live scrape, after the walkthrough has exercised the service, must lint clean.
+        if shutil.which("promtool"):
+            scrape = urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=5).read()
+            lint = subprocess.run(["promtool", "check", "metrics"], input=scrape, capture_output=True)
+            if lint.returncode != 0:
+                sys.exit("promtool check metrics failed:\n" + (lint.stdout + lint.stderr).decode())
+            print("promtool check metrics: the live scrape is clean")
+        elif os.environ.get("CI"):
+            sys.exit("promtool is not installed")
         print(f"walkthrough: {count} passed, 0 failed")
     finally:
         # Servers a step started in the background leave their pid in <name>.pid.
