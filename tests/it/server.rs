@@ -41,7 +41,7 @@ async fn health_is_serving_for_the_server_and_every_service_after_start() {
 #[tokio::test]
 async fn shutdown_reports_not_serving_refuses_new_calls_and_finishes_calls_in_flight() {
     let mut app = spawn_app().await;
-    app.faults.delay_fsyncs(Duration::from_millis(1500));
+    app.faults.delay_fsyncs(Duration::from_millis(3000));
     let mut audit = app.audit();
     let in_flight = tokio::spawn(async move {
         audit
@@ -51,9 +51,10 @@ async fn shutdown_reports_not_serving_refuses_new_calls_and_finishes_calls_in_fl
             })
             .await
     });
-    // The call is in flight once the writer is syncing it; wait on that explicit signal.
+    // The call is in flight once the writer is syncing it (3 s on this slow disk); give the
+    // client a moment to send it.
     let mut state = app.ledger.subscribe();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(state.borrow_and_update().head.seq, 0, "the call is still in flight");
     app.begin_stop();
     let mut health = HealthClient::new(app.channel.clone());
