@@ -3,7 +3,7 @@
 //! ([`MATRIX`], documented in docs/SECURITY.md). Without a principals file every caller is
 //! `anonymous` with every role (loopback only, enforced by the configuration).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 
 use crate::ledger::Ledger;
 use crate::ledger::clock::Clock;
-use crate::ledger::record::{Draft, Severity, format_time};
+use crate::ledger::record::{Draft, Severity, format_time, truncate_utf8};
 use crate::tally::PerSecondTally;
 
 /// A role, as named in the principals file.
@@ -344,7 +344,7 @@ impl DenialRecorder {
         let key = (peer_ip.to_string(), principal, rpc);
         let first = self.lock().first_in_second(peer_ip, second);
         if first {
-            let draft = denial_draft(&key, 1, None);
+            let draft = denial_draft(&key, 1);
             if self.ledger.append(vec![draft]).await.is_ok() {
                 return;
             }
@@ -359,8 +359,15 @@ impl DenialRecorder {
         if taken.is_empty() {
             return;
         }
-        let drafts =
-            taken.iter().map(|((second, key), n)| denial_draft(key, *n, Some(*second))).collect();
+        // One aggregate per peer and second, whatever mix of principals and RPCs it refused.
+        let mut by_peer: BTreeMap<(i64, &str), Vec<(&DenialKey, u64)>> = BTreeMap::new();
+        for ((second, key), n) in &taken {
+            by_peer.entry((*second, key.0.as_str())).or_default().push((key, *n));
+        }
+        let drafts = by_peer
+            .into_iter()
+            .map(|((second, _), refusals)| aggregate_draft(second, &refusals))
+            .collect();
         if self.ledger.append(drafts).await.is_err() {
             let mut tally = self.lock();
             for ((second, key), n) in taken {
@@ -374,11 +381,32 @@ impl DenialRecorder {
     }
 }
 
-fn denial_draft(
-    (peer, principal, rpc): &DenialKey,
-    count: u64,
-    aggregate_of: Option<i64>,
-) -> Draft {
+/// The aggregate of one peer's refusals in one second, after the first.
+fn aggregate_draft(second: i64, refusals: &[(&DenialKey, u64)]) -> Draft {
+    let total: u64 = refusals.iter().map(|(_, n)| n).sum();
+    let principals: BTreeSet<&str> = refusals.iter().map(|(k, _)| k.1.as_str()).collect();
+    let rpcs: BTreeSet<&str> = refusals.iter().map(|(k, _)| k.2.as_str()).collect();
+    let (peer, principal, rpc) = refusals[0].0;
+    let mut draft = if principals.len() == 1 && rpcs.len() == 1 {
+        denial_draft(&(peer.clone(), principal.clone(), rpc.clone()), total)
+    } else {
+        // Several principals or RPCs: the service reports the mix.
+        let critical = rpcs.iter().any(|r| CRITICAL_RPCS.contains(r));
+        let breakdown: Vec<String> =
+            refusals.iter().map(|((_, p, r), n)| format!("{p} {r} x{n}")).collect();
+        Draft::new("system.permission_denied", crate::safe_mode::SERVICE_PRINCIPAL)
+            .severity(if critical { Severity::Critical } else { Severity::Warning })
+            .failed()
+            .reason(format!("{total} calls from {peer} refused"))
+            .meta("peer", peer.as_str())
+            .meta("count", total.to_string())
+            .meta("refusals", truncate_utf8(breakdown.join(", "), 1000))
+    };
+    draft = draft.meta("aggregated", "true").meta("window_start", format_time(second * 1_000_000));
+    draft
+}
+
+fn denial_draft((peer, principal, rpc): &DenialKey, count: u64) -> Draft {
     let severity =
         if CRITICAL_RPCS.contains(&rpc.as_str()) { Severity::Critical } else { Severity::Warning };
     let why = if principal == UNAUTHENTICATED {
@@ -386,19 +414,14 @@ fn denial_draft(
     } else {
         "the principal's role does not allow this RPC"
     };
-    let mut draft = Draft::new("system.permission_denied", principal.as_str())
+    Draft::new("system.permission_denied", principal.as_str())
         .severity(severity)
         .failed()
         .reason(format!("{rpc} refused: {why}"))
         .meta("rpc", rpc.as_str())
         .meta("peer", peer.as_str())
         .meta("principal", principal.as_str())
-        .meta("count", count.to_string());
-    if let Some(second) = aggregate_of {
-        draft =
-            draft.meta("aggregated", "true").meta("window_start", format_time(second * 1_000_000));
-    }
-    draft
+        .meta("count", count.to_string())
 }
 
 /// A fresh random token, shown once, and the digest to put in the principals file.
@@ -423,5 +446,23 @@ mod tests {
         assert!(permits(Some(Role::Auditor), "/brain.ops.v1.EvidenceService/Export"));
         assert!(!permits(Some(Role::Operator), "/brain.ops.v1.AuditService/Delete"));
         assert!(permits(None, "/brain.ops.v1.SafeModeService/Disable"), "anonymous has every role");
+    }
+
+    #[test]
+    fn one_aggregate_covers_a_peer_whatever_it_tried() {
+        let key = |p: &str, r: &str| ("10.0.0.9".to_owned(), p.to_owned(), r.to_owned());
+        let (a, b) =
+            (key("svc", "SafeModeService/Disable"), key(UNAUTHENTICATED, "AuditService/List"));
+        let mixed = aggregate_draft(7, &[(&a, 3), (&b, 4)]);
+        assert_eq!(mixed.metadata["count"], "7");
+        assert_eq!(mixed.source, crate::safe_mode::SERVICE_PRINCIPAL);
+        assert_eq!(mixed.severity, Some(Severity::Critical), "a refused Disable is in the mix");
+        assert!(mixed.metadata["refusals"].contains("svc SafeModeService/Disable x3"));
+        let single = aggregate_draft(7, &[(&b, 4)]);
+        assert_eq!(
+            (single.source.as_str(), single.metadata["count"].as_str()),
+            (UNAUTHENTICATED, "4")
+        );
+        assert_eq!(single.severity, Some(Severity::Warning));
     }
 }

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use crate::ledger::clock::Clock;
 use crate::ledger::record::{
     Draft, InvalidField, MAX_NAME_CHARS, MAX_TEXT_BYTES, Severity, check_bytes, check_chars,
-    format_time,
+    format_time, truncate_utf8,
 };
 use crate::ledger::verify::{Damage, Verification};
 use crate::ledger::{AppendError, Decision, FailClosed, Ledger};
@@ -280,7 +280,7 @@ pub fn fail_closed() -> FailClosed {
         if state.safe_mode.enabled {
             return Vec::new();
         }
-        let reason = truncate(format!("ledger storage is failing: {fault}"), MAX_TEXT_BYTES);
+        let reason = truncate_utf8(format!("ledger storage is failing: {fault}"), MAX_TEXT_BYTES);
         vec![enable_draft(SafeModeSource::Storage, SERVICE_PRINCIPAL, reason)]
     })
 }
@@ -352,19 +352,8 @@ fn startup_drafts(state: &State, verification: &Verification, safe_mode_env: boo
 }
 
 fn integrity_reason(damage: &Damage) -> String {
-    truncate(
+    truncate_utf8(
         format!("ledger verification failed at seq {}: {}", damage.seq, damage.problem),
         MAX_TEXT_BYTES,
     )
-}
-
-fn truncate(mut text: String, limit: usize) -> String {
-    if text.len() > limit {
-        let mut cut = limit;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
-    text
 }

@@ -460,6 +460,18 @@ pub fn size_limit(event_type: &str) -> usize {
     if event_type == GOVERNANCE_CONFIG_EVENT { MAX_CONFIG_RECORD_BYTES } else { MAX_RECORD_BYTES }
 }
 
+/// Cuts `text` to at most `limit` bytes, at a character boundary.
+pub fn truncate_utf8(mut text: String, limit: usize) -> String {
+    if text.len() > limit {
+        let mut cut = limit;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
 /// Formats microseconds since the epoch as RFC 3339 UTC with six fractional digits and `Z`.
 pub fn format_time(micros: i64) -> String {
     DateTime::<Utc>::from_timestamp_micros(micros)

@@ -303,6 +303,12 @@ async fn a_flood_of_10000_bad_token_calls_is_counted_exactly_in_a_few_events() {
         .sum();
     assert_eq!(total, 10_000, "every refusal is counted exactly once");
     assert!(denials.len() <= 2 * 60, "bounded: {} events", denials.len());
+    // Per peer and second: the first refusal on its own, at most one aggregate for the rest.
+    let mut windows = std::collections::HashSet::new();
+    for aggregate in denials.iter().filter(|r| r["metadata"]["aggregated"] == "true") {
+        let window = aggregate["metadata"]["window_start"].as_str().expect("window").to_owned();
+        assert!(windows.insert(window), "one aggregate per peer and second");
+    }
     assert!(denials.iter().all(|r| r["source"] == "unauthenticated"));
 }
 
