@@ -142,7 +142,8 @@ impl pb::safe_mode_service_server::SafeModeService for SafeModeApi {
                 };
             }
             let closing = Status::unavailable("brain-ops is shutting down; reconnect with backoff");
-            let _ = tx.try_send(Err(closing));
+            // Delivered after whatever is buffered, unless the client has stopped reading.
+            let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(Err(closing))).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -413,3 +413,26 @@ async fn a_failing_store_freezes_refuses_disable_keeps_checking_and_catches_up_o
     assert_eq!(app.status().await.revision, enabled[0].seq, "the revision is durable now");
     assert!(disable(&mut app.safe_mode(), "disk replaced").await.changed);
 }
+
+#[tokio::test]
+async fn watch_streams_end_with_unavailable_at_shutdown() {
+    let mut app = spawn_app().await;
+    let mut stream =
+        app.safe_mode().watch(pb::WatchRequest {}).await.expect("watches").into_inner();
+    stream.next().await.expect("the current status").expect("ok");
+    app.begin_stop();
+    let ending = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return Some(status),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    let status = ending.expect("with a status, not silently");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("reconnect"), "{}", status.message());
+}
