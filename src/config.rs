@@ -92,6 +92,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// The principals file; `None` serves everyone as `anonymous` (loopback only).
     pub auth_file: Option<PathBuf>,
+    /// The Ed25519 signing key; `None` generates one in the data directory on first start.
+    pub signing_key_file: Option<PathBuf>,
     /// Serving a non-loopback address without authentication, as
     /// `--insecure-allow-unauthenticated` allowed. Logged and recorded at start.
     pub exposed_without_auth: bool,
@@ -116,6 +118,7 @@ impl Config {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             auth_file: None,
+            signing_key_file: None,
             exposed_without_auth: false,
             data_dir: data_dir.into(),
             safe_mode_at_start: false,
@@ -213,7 +216,6 @@ impl TryFrom<ServeArgs> for Config {
         // an operator who configures TLS or authentication must not get a service without it.
         let unsupported = [
             ("--health-addr / BRAIN_HEALTH_ADDR", args.health_addr.is_some()),
-            ("--signing-key-file / BRAIN_SIGNING_KEY_FILE", args.signing_key_file.is_some()),
             ("--governance-config / BRAIN_GOVERNANCE_CONFIG", args.governance_config.is_some()),
             ("--tls-cert / BRAIN_TLS_CERT", args.tls_cert.is_some()),
             ("--tls-key / BRAIN_TLS_KEY", args.tls_key.is_some()),
@@ -250,6 +252,7 @@ impl TryFrom<ServeArgs> for Config {
             grpc_addr,
             metrics_addr,
             auth_file: args.auth_file,
+            signing_key_file: args.signing_key_file,
             exposed_without_auth,
             data_dir: args.data_dir,
             safe_mode_at_start,

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod drain;
+pub mod evidence;
 pub mod grpc;
 pub mod http;
 pub mod ledger;

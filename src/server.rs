@@ -14,6 +14,7 @@ use tower::layer::util::{Identity, Stack};
 use crate::drain::{Drain, DrainLayer};
 use crate::grpc::audit::AuditApi;
 use crate::grpc::authn::AuthLayer;
+use crate::grpc::evidence::EvidenceApi;
 use crate::grpc::metrics::MetricsApi;
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::safe_mode::SafeModeApi;
@@ -48,6 +49,7 @@ pub fn routes(
     ledger: &Ledger,
     safe_mode: SafeModeApi,
     metrics: MetricsApi,
+    evidence: EvidenceApi,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -74,7 +76,7 @@ pub fn routes(
         .add_service(reflection_alpha)
         .add_service(safe_mode)
         .add_service(audit)
-        .add_service(pb::evidence_service_server::EvidenceServiceServer::new(Unimplemented))
+        .add_service(pb::evidence_service_server::EvidenceServiceServer::new(evidence))
         .add_service(pb::metrics_service_server::MetricsServiceServer::new(metrics))
         .add_service(pb::override_service_server::OverrideServiceServer::new(Unimplemented))
 }
@@ -83,7 +85,6 @@ pub fn routes(
 #[derive(Clone, Copy, Debug)]
 pub struct Unimplemented;
 
-impl pb::evidence_service_server::EvidenceService for Unimplemented {}
 impl pb::override_service_server::OverrideService for Unimplemented {}
 
 /// The server's layers, outermost first.

@@ -14,7 +14,9 @@ use tonic_health::server::HealthReporter;
 use crate::auth::{Authenticator, DenialRecorder, PrincipalsError};
 use crate::config::Config;
 use crate::drain::Drain;
+use crate::evidence::keys::{KeyError, Signer};
 use crate::grpc::authn::AuthLayer;
+use crate::grpc::evidence::EvidenceApi;
 use crate::grpc::metrics::MetricsApi;
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::safe_mode::SafeModeApi;
@@ -35,12 +37,17 @@ pub enum StartError {
     Metrics(String),
     #[error("invalid setting --auth-file / BRAIN_AUTH_FILE: {0}")]
     Principals(#[from] PrincipalsError),
+    #[error("invalid setting --signing-key-file / BRAIN_SIGNING_KEY_FILE: {0}")]
+    SigningKey(#[from] KeyError),
 }
 
 impl StartError {
     /// True when the operator must change the configuration.
     pub fn is_config(&self) -> bool {
-        matches!(self, StartError::Bind { .. } | StartError::Principals(_))
+        matches!(
+            self,
+            StartError::Bind { .. } | StartError::Principals(_) | StartError::SigningKey(_)
+        )
     }
 }
 
@@ -103,6 +110,11 @@ impl App {
             );
         }
         metrics.observe(&ledger);
+        // After the ledger, so that the data directory exists.
+        let (signer, origin) =
+            Signer::load_or_generate(config.signing_key_file.as_deref(), &config.data_dir)?;
+        tracing::info!(key_id = signer.key_id(), origin = ?origin, "evidence signing key");
+        let signer = Arc::new(signer);
         let state = ledger.state();
         tracing::info!(
             head_seq = state.head.seq,
@@ -141,7 +153,9 @@ impl App {
             metrics.watch_streams.clone(),
         );
         let metrics_api = MetricsApi::new(ledger.clone(), metrics.clone());
-        let routes = server::routes(&ledger, safe_mode_api, metrics_api, health_service);
+        let evidence_api = EvidenceApi::new(signer);
+        let routes =
+            server::routes(&ledger, safe_mode_api, metrics_api, evidence_api, health_service);
         Ok(App { config, grpc, http, ledger, control, metrics, auth, drain, health, routes })
     }
 

@@ -3,6 +3,7 @@
 //! `-o human|json` and `--timeout-seconds`, and exits with one of the codes in [`exit`].
 
 mod audit;
+mod keygen;
 mod metrics;
 mod safe_mode;
 mod token;
@@ -59,6 +60,8 @@ pub enum Command {
         #[command(subcommand)]
         command: metrics::MetricsCommand,
     },
+    /// Make an Ed25519 key pair for signing evidence packs (offline).
+    Keygen(keygen::KeygenArgs),
     /// Make bearer tokens for the principals file (offline).
     Token {
         #[command(subcommand)]
@@ -173,6 +176,7 @@ pub async fn run_client(command: Command) -> u8 {
         Command::Audit { client, command } => audit::run(&client, command).await,
         Command::SafeMode { client, command } => safe_mode::run(&client, command).await,
         Command::Token { command } => token::run(command),
+        Command::Keygen(args) => keygen::run(args),
         Command::Metrics { client, command } => metrics::run(&client, command).await,
     };
     match result {

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod authn;
 pub mod convert;
+pub mod evidence;
 pub mod metrics;
 pub mod observe;
 pub mod safe_mode;

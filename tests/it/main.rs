@@ -5,6 +5,7 @@ mod auth;
 mod canonical;
 mod cli;
 mod config;
+mod evidence;
 mod helpers;
 mod integrity;
 mod ledger;
