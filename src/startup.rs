@@ -153,7 +153,7 @@ impl App {
             metrics.watch_streams.clone(),
         );
         let metrics_api = MetricsApi::new(ledger.clone(), metrics.clone());
-        let evidence_api = EvidenceApi::new(signer);
+        let evidence_api = EvidenceApi::new(ledger.clone(), signer);
         let routes =
             server::routes(&ledger, safe_mode_api, metrics_api, evidence_api, health_service);
         Ok(App { config, grpc, http, ledger, control, metrics, auth, drain, health, routes })

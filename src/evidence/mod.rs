@@ -1,4 +1,5 @@
 //! Evidence packs: signed, deterministic, offline-verifiable exports of the ledger.
-//! Built so far: the signing keys.
+//! Built so far: signing keys, unary export and verification.
 
 pub mod keys;
+pub mod pack;

@@ -1,25 +1,138 @@
-//! EvidenceService over gRPC. Built so far: `GetPublicKeys`; the rest answer UNIMPLEMENTED.
+//! EvidenceService over gRPC: `Export`, `Verify`, `GetPublicKeys`. The streaming RPCs answer
+//! UNIMPLEMENTED for now.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use base64::Engine;
 use tonic::{Request, Response, Status};
 
+use super::convert::micros_from_pb;
 use crate::evidence::keys::Signer;
+use crate::evidence::pack::{self, ExportRequest, PackError, Scope};
+use crate::ledger::Ledger;
 use crate::pb;
+
+/// Largest pack `Export` returns in one message.
+pub const MAX_UNARY_PACK_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct EvidenceApi {
+    ledger: Ledger,
     signer: Arc<Signer>,
 }
 
 impl EvidenceApi {
-    pub fn new(signer: Arc<Signer>) -> EvidenceApi {
-        EvidenceApi { signer }
+    pub fn new(ledger: Ledger, signer: Arc<Signer>) -> EvidenceApi {
+        EvidenceApi { ledger, signer }
+    }
+
+    fn keys(&self) -> BTreeMap<String, [u8; 32]> {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(self.signer.public_key_base64())
+            .ok()
+            .and_then(|k| <[u8; 32]>::try_from(k).ok());
+        raw.map(|k| (self.signer.key_id().to_owned(), k)).into_iter().collect()
+    }
+}
+
+fn export_request(request: &pb::ExportRequest) -> Result<ExportRequest, Status> {
+    let from = request.from.as_ref().ok_or_else(|| Status::invalid_argument("from is required"))?;
+    let to = request.to.as_ref().ok_or_else(|| Status::invalid_argument("to is required"))?;
+    let scope = match pb::EvidenceScope::try_from(request.scope) {
+        Ok(pb::EvidenceScope::Audit) => Scope::Audit,
+        Ok(pb::EvidenceScope::Investor) => Scope::Investor,
+        Ok(pb::EvidenceScope::Internal) => Scope::Internal,
+        _ => {
+            return Err(Status::invalid_argument(
+                "scope must be EVIDENCE_SCOPE_AUDIT, EVIDENCE_SCOPE_INVESTOR or EVIDENCE_SCOPE_INTERNAL",
+            ));
+        }
+    };
+    Ok(ExportRequest {
+        from: micros_from_pb("from", from)?,
+        to: micros_from_pb("to", to)?,
+        scope,
+        exclude_executor_summary: request.exclude_executor_summary,
+        as_of_seq: request.as_of_seq,
+    })
+}
+
+impl From<PackError> for Status {
+    fn from(error: PackError) -> Status {
+        match &error {
+            PackError::Invalid { .. } => Status::invalid_argument(error.to_string()),
+            PackError::Storage(_) => {
+                tracing::error!(%error, "evidence export failed");
+                Status::unavailable(error.to_string())
+            }
+        }
     }
 }
 
 #[tonic::async_trait]
 impl pb::evidence_service_server::EvidenceService for EvidenceApi {
+    async fn export(
+        &self,
+        request: Request<pb::ExportRequest>,
+    ) -> Result<Response<pb::ExportResponse>, Status> {
+        let principal = super::principal(&request);
+        let export = export_request(request.get_ref())?;
+        let store = self
+            .ledger
+            .store()
+            .ok_or_else(|| Status::unavailable("the ledger could not be opened"))?;
+        let head = self.ledger.state().head.seq;
+        let signer = self.signer.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            pack::build(store.as_ref(), head, &export, &signer)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("export task failed: {e}")))??;
+        if built.file.len() > MAX_UNARY_PACK_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "the pack is {} bytes, over the {MAX_UNARY_PACK_BYTES}-byte message limit; use ExportStream",
+                built.file.len()
+            )));
+        }
+        tracing::info!(%principal, pack_id = %built.pack_id, events = built.events_included, "evidence pack exported");
+        Ok(Response::new(pb::ExportResponse {
+            pack_json: built.file,
+            pack_id: built.pack_id,
+            content_hash: built.content_hash,
+            events_total: built.events_total,
+            events_included: built.events_included,
+        }))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let file = request.into_inner().pack_json;
+        let keys = self.keys();
+        let store = self.ledger.store();
+        let verdict = tokio::task::spawn_blocking(move || {
+            pack::verify(
+                &file,
+                &keys,
+                store.as_deref().map(|s| s as &dyn crate::ledger::store::Storage),
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(format!("verify task failed: {e}")))?
+        .map_err(Status::invalid_argument)?;
+        Ok(Response::new(pb::VerifyResponse {
+            valid: verdict.valid(),
+            hash_valid: verdict.hash_valid,
+            chain_valid: verdict.chain_valid,
+            signature_valid: verdict.signature_valid,
+            matches_log: verdict.matches_log,
+            computed_hash: verdict.computed_hash,
+            problems: verdict.problems,
+        }))
+    }
+
     async fn get_public_keys(
         &self,
         _request: Request<pb::GetPublicKeysRequest>,

@@ -5,7 +5,7 @@ use brain_ops::pb;
 use brain_ops::pb::evidence_service_client::EvidenceServiceClient;
 use sha2::{Digest, Sha256};
 
-use crate::helpers::{BIN, serve_process, spawn_app_in};
+use crate::helpers::{BIN, serve_process, spawn_app, spawn_app_in};
 
 async fn public_keys(channel: tonic::transport::Channel) -> Vec<pb::PublicKey> {
     EvidenceServiceClient::new(channel)
@@ -102,4 +102,198 @@ fn an_unusable_key_file_exits_64_naming_the_setting() {
         .expect("runs");
     assert_eq!(output.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&output.stderr).contains("BRAIN_SIGNING_KEY_FILE"));
+}
+
+use prost_types::Timestamp;
+use serde_json::Value;
+use tonic::Code;
+
+fn export_request(scope: pb::EvidenceScope, as_of_seq: u64) -> pb::ExportRequest {
+    pb::ExportRequest {
+        from: Some(Timestamp { seconds: 0, nanos: 0 }),
+        to: Some(Timestamp { seconds: 4_000_000_000, nanos: 0 }),
+        scope: scope.into(),
+        exclude_executor_summary: false,
+        as_of_seq,
+    }
+}
+
+async fn export(app: &crate::helpers::TestApp, request: pb::ExportRequest) -> pb::ExportResponse {
+    EvidenceServiceClient::new(app.channel.clone())
+        .export(request)
+        .await
+        .expect("exports")
+        .into_inner()
+}
+
+async fn verify(app: &crate::helpers::TestApp, pack_json: String) -> pb::VerifyResponse {
+    EvidenceServiceClient::new(app.channel.clone())
+        .verify(pb::VerifyRequest { pack_json })
+        .await
+        .expect("verifies")
+        .into_inner()
+}
+
+/// A small history: a mode change, a quarantine with a secret, an execution that failed.
+async fn history(app: &crate::helpers::TestApp) {
+    let mut mode = crate::helpers::event("sovereign.mode_changed", "egress lost: reason-text-42");
+    mode.mode_before = pb::OperationMode::Online.into();
+    mode.mode_after = pb::OperationMode::Sovereign.into();
+    mode.triggered_by = "gatekeeper-7".into();
+    let mut quarantine = crate::helpers::event("sovereign.bundle_quarantined", "hash mismatch");
+    quarantine.bundle_id = "bundle-9".into();
+    quarantine.metadata.insert("expected_hash".into(), "metadata-value-77".into());
+    for e in [
+        mode,
+        quarantine,
+        crate::helpers::event("factory.execution_started", "run 1"),
+        crate::helpers::event("factory.step_failed", "timeout after 300 s"),
+        crate::helpers::event("factory.execution_failed", "run 1 failed"),
+    ] {
+        app.audit()
+            .record(pb::RecordRequest { event: Some(e), idempotency_key: String::new() })
+            .await
+            .expect("recorded");
+    }
+}
+
+/// Verifies a pack with nothing but a JCS library, SHA-256 and Ed25519, as a third party would.
+fn independently_verify(file: &str, public_key_base64: &str) {
+    let document: Value = serde_json::from_str(file).expect("JSON");
+    let pack = &document["pack"];
+    let canonical = serde_jcs::to_string(pack).expect("JCS");
+    let content_hash = format!("sha256:{}", hex::encode(Sha256::digest(canonical.as_bytes())));
+    assert_eq!(document["content_hash"], content_hash.as_str());
+    assert_eq!(document["pack_id"], format!("ep-{}", &content_hash[7..23]).as_str());
+    let raw: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(public_key_base64)
+        .expect("base64")
+        .try_into()
+        .expect("32 bytes");
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&raw).expect("key");
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(document["signature"]["value"].as_str().expect("value"))
+        .expect("base64");
+    let signature = ed25519_dalek::Signature::from_slice(&signature).expect("signature");
+    key.verify_strict(content_hash.as_bytes(), &signature).expect("the signature verifies");
+    let mut prev = pack["chain"]["prev_hash"].as_str().expect("prev_hash").to_owned();
+    for event in pack["events"].as_array().expect("events") {
+        let mut body = event.clone();
+        let hash = body.as_object_mut().expect("object").remove("hash").expect("hash");
+        assert_eq!(
+            hash,
+            hex::encode(Sha256::digest(serde_jcs::to_vec(&body).expect("JCS"))).as_str()
+        );
+        assert_eq!(event["prev_hash"], prev.as_str(), "each event links to the one before");
+        prev = hash.as_str().expect("hash").to_owned();
+    }
+}
+
+#[tokio::test]
+async fn packs_are_deterministic_verify_independently_and_survive_a_restart() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    history(&app).await;
+    let first = export(&app, export_request(pb::EvidenceScope::Internal, 5)).await;
+    let again = export(&app, export_request(pb::EvidenceScope::Internal, 5)).await;
+    assert_eq!(first.pack_json, again.pack_json, "byte-identical");
+    assert_eq!((first.events_total, first.events_included), (5, 5));
+    let key = public_keys(app.channel.clone()).await.remove(0);
+    independently_verify(&first.pack_json, &key.public_key);
+    let verdict = verify(&app, first.pack_json.clone()).await;
+    assert!(verdict.valid, "{:?}", verdict.problems);
+
+    app.record("factory.step_completed", "later").await;
+    let grown = export(&app, export_request(pb::EvidenceScope::Internal, 0)).await;
+    assert_ne!(grown.pack_json, first.pack_json, "as_of 0 follows the head");
+    assert_eq!(grown.events_included, 6);
+    app.stop().await;
+
+    let app = spawn_app_in(dir.path(), |_| {}).await;
+    let after = export(&app, export_request(pb::EvidenceScope::Internal, 5)).await;
+    assert_eq!(after.pack_json, first.pack_json, "the same bytes after a restart");
+    let pack: Value = serde_json::from_str(&first.pack_json).expect("JSON");
+    assert_eq!(pack["pack"]["executor_summary"]["steps_failed"], 1);
+    assert_eq!(pack["pack"]["bundle_summary"]["quarantined"], 1);
+    assert_eq!(pack["pack"]["current_mode"], "sovereign");
+}
+
+#[tokio::test]
+async fn each_scope_holds_what_it_should_and_investor_packs_name_nothing() {
+    let app = spawn_app().await;
+    history(&app).await;
+    for i in 0..110 {
+        app.record("factory.step_completed", &format!("step {i}")).await;
+    }
+    let audit = export(&app, export_request(pb::EvidenceScope::Audit, 0)).await;
+    assert_eq!((audit.events_total, audit.events_included), (115, 100));
+    let internal = export(&app, export_request(pb::EvidenceScope::Internal, 0)).await;
+    assert_eq!(internal.events_included, 115);
+    let investor = export(&app, export_request(pb::EvidenceScope::Investor, 0)).await;
+    assert_eq!(investor.events_included, 0);
+    for secret in
+        ["reason-text-42", "metadata-value-77", "anonymous", "gatekeeper-7", "timeout after 300 s"]
+    {
+        assert!(
+            !investor.pack_json.contains(secret),
+            "an investor pack must not contain {secret:?}"
+        );
+    }
+    let pack: Value = serde_json::from_str(&investor.pack_json).expect("JSON");
+    assert_eq!(pack["pack"]["audit_summary"]["factory.step_completed"], 110);
+    assert!(verify(&app, audit.pack_json).await.valid);
+    assert!(verify(&app, investor.pack_json).await.valid);
+}
+
+#[tokio::test]
+async fn tampering_with_a_pack_is_caught() {
+    let app = spawn_app().await;
+    history(&app).await;
+    let pack = export(&app, export_request(pb::EvidenceScope::Internal, 0)).await.pack_json;
+
+    let edited = pack.replace("timeout after 300 s", "timeout after 30 s");
+    let verdict = verify(&app, edited.clone()).await;
+    assert!(!verdict.valid && !verdict.hash_valid && !verdict.chain_valid && !verdict.matches_log);
+
+    // The same edit with the content hash recomputed: only the signature can tell.
+    let mut document: Value = serde_json::from_str(&edited).expect("JSON");
+    let rehashed = format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(serde_jcs::to_vec(&document["pack"]).expect("JCS")))
+    );
+    document["content_hash"] = Value::String(rehashed.clone());
+    document["pack_id"] = Value::String(format!("ep-{}", &rehashed[7..23]));
+    let verdict = verify(&app, document.to_string()).await;
+    assert!(verdict.hash_valid && !verdict.signature_valid && !verdict.valid, "{verdict:?}");
+
+    let mut swapped: Value = serde_json::from_str(&pack).expect("JSON");
+    swapped["pack"]["events"].as_array_mut().expect("events").swap(1, 2);
+    assert!(!verify(&app, swapped.to_string()).await.chain_valid);
+
+    let mut recount: Value = serde_json::from_str(&pack).expect("JSON");
+    recount["pack"]["bundle_summary"]["quarantined"] = Value::from(0);
+    assert!(!verify(&app, recount.to_string()).await.hash_valid);
+
+    let malformed = EvidenceServiceClient::new(app.channel.clone())
+        .verify(pb::VerifyRequest { pack_json: "{not json".into() })
+        .await
+        .expect_err("malformed");
+    assert_eq!(malformed.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn bad_export_requests_name_the_field() {
+    let app = spawn_app().await;
+    history(&app).await;
+    let mut client = EvidenceServiceClient::new(app.channel.clone());
+    let mut inverted = export_request(pb::EvidenceScope::Audit, 0);
+    inverted.to = inverted.from;
+    let mut no_scope = export_request(pb::EvidenceScope::Audit, 0);
+    no_scope.scope = 0;
+    let beyond = export_request(pb::EvidenceScope::Audit, 99);
+    for (request, field) in [(inverted, "to"), (no_scope, "scope"), (beyond, "as_of_seq")] {
+        let status = client.export(request).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with(field), "{field}: {}", status.message());
+    }
 }

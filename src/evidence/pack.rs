@@ -1,0 +1,460 @@
+//! Building and verifying evidence packs. A pack is a pure function of (the ledger prefix up to
+//! `as_of`, the request, the signing key): the same inputs give a byte-identical file.
+//!
+//! The file is `{"pack": …, "content_hash": …, "pack_id": …, "signature": …}` with `pack`
+//! first, serialised as JCS; `content_hash` is `sha256:` + hex of SHA-256 of JCS(pack), and the
+//! signature is Ed25519 over the ASCII bytes of the `content_hash` string.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::ControlFlow;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use super::keys::Signer;
+use crate::ledger::record::{GENESIS_HASH, Record, format_time};
+use crate::ledger::store::Storage;
+use crate::state::{State, events};
+
+/// Pack format identifier.
+pub const FORMAT: &str = "brain-evidence-pack/1";
+/// Events an AUDIT pack includes in full.
+pub const AUDIT_EVENT_LIMIT: usize = 100;
+
+/// What a pack shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every summary plus the first 100 events in full.
+    Audit,
+    /// Aggregates only: no events, reasons, metadata or principal names.
+    Investor,
+    /// Every event.
+    Internal,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Audit => "audit",
+            Scope::Investor => "investor",
+            Scope::Internal => "internal",
+        }
+    }
+}
+
+/// A validated export request. Times in microseconds; the range is `[from, to)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportRequest {
+    pub from: i64,
+    pub to: i64,
+    pub scope: Scope,
+    pub exclude_executor_summary: bool,
+    /// 0: the head.
+    pub as_of_seq: u64,
+}
+
+/// A built pack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pack {
+    pub file: String,
+    pub pack_id: String,
+    pub content_hash: String,
+    pub events_total: u64,
+    pub events_included: u64,
+}
+
+/// Why a pack could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("{field} {message}")]
+    Invalid { field: &'static str, message: String },
+    #[error("the ledger could not be read: {0}")]
+    Storage(String),
+}
+
+/// Everything gathered in one pass over the ledger prefix.
+#[derive(Default)]
+struct Gathered {
+    state: State,
+    as_of_hash: String,
+    /// Hash of the last record before the range.
+    prev_hash: String,
+    first_seq: u64,
+    last_seq: u64,
+    last_hash: String,
+    audit_summary: BTreeMap<String, u64>,
+    mode_history: Vec<Value>,
+    override_usage: BTreeMap<&'static str, u64>,
+    quarantined: u64,
+    released: u64,
+    loaded: u64,
+    bundles: BTreeSet<String>,
+    executor: BTreeMap<&'static str, u64>,
+    events_total: u64,
+    events: Vec<Value>,
+}
+
+/// Builds the pack for `request` from the ledger prefix up to `as_of_seq` (the head when 0).
+pub fn build(
+    store: &dyn Storage,
+    head_seq: u64,
+    request: &ExportRequest,
+    signer: &Signer,
+) -> Result<Pack, PackError> {
+    if request.from >= request.to {
+        return Err(PackError::Invalid {
+            field: "to",
+            message: "must be after from (the range is [from, to))".into(),
+        });
+    }
+    let as_of = if request.as_of_seq == 0 { head_seq } else { request.as_of_seq };
+    if as_of > head_seq {
+        return Err(PackError::Invalid {
+            field: "as_of_seq",
+            message: format!("{as_of} is beyond the head seq {head_seq}"),
+        });
+    }
+    let mut g = Gathered {
+        as_of_hash: GENESIS_HASH.to_owned(),
+        prev_hash: GENESIS_HASH.to_owned(),
+        last_hash: GENESIS_HASH.to_owned(),
+        ..Gathered::default()
+    };
+    let mut problem = None;
+    store
+        .scan(1, as_of, &mut |seq, bytes| match Record::decode_verified(bytes) {
+            Ok(record) => {
+                gather(&mut g, &record, bytes, request);
+                ControlFlow::Continue(())
+            }
+            Err(e) => {
+                problem = Some(format!("seq {seq}: {e}"));
+                ControlFlow::Break(())
+            }
+        })
+        .map_err(|e| PackError::Storage(e.to_string()))?;
+    if let Some(problem) = problem {
+        return Err(PackError::Storage(format!(
+            "the ledger is damaged; no pack can vouch for it ({problem})"
+        )));
+    }
+    let pack = assemble(g, request, as_of);
+    let canonical = serde_json_canonicalizer::to_string(&pack)
+        .map_err(|e| PackError::Storage(e.to_string()))?;
+    let content_hash = format!("sha256:{}", hex::encode(Sha256::digest(canonical.as_bytes())));
+    let pack_id = format!("ep-{}", &content_hash[7..23]);
+    let signature = json!({ "alg": "ed25519", "key_id": signer.key_id(), "value": signer.sign_base64(content_hash.as_bytes()) });
+    let events_total = pack["events_total"].as_u64().unwrap_or(0);
+    let events_included = pack["events_included"].as_u64().unwrap_or(0);
+    let file = format!(
+        "{{\"pack\":{canonical},\"content_hash\":{},\"pack_id\":{},\"signature\":{}}}\n",
+        Value::String(content_hash.clone()),
+        Value::String(pack_id.clone()),
+        serde_json_canonicalizer::to_string(&signature)
+            .map_err(|e| PackError::Storage(e.to_string()))?,
+    );
+    Ok(Pack { file, pack_id, content_hash, events_total, events_included })
+}
+
+fn gather(g: &mut Gathered, record: &Record, bytes: &[u8], request: &ExportRequest) {
+    g.state.apply(record);
+    g.as_of_hash.clone_from(&record.hash);
+    let time = record.time_micros().unwrap_or(i64::MIN);
+    if time < request.from {
+        g.prev_hash.clone_from(&record.hash);
+        return;
+    }
+    if time >= request.to {
+        return;
+    }
+    if g.first_seq == 0 {
+        g.first_seq = record.seq;
+    }
+    g.last_seq = record.seq;
+    g.last_hash.clone_from(&record.hash);
+    g.events_total += 1;
+    *g.audit_summary.entry(record.event_type.clone()).or_default() += 1;
+    let investor = request.scope == Scope::Investor;
+    match record.event_type.as_str() {
+        events::MODE_CHANGED => {
+            let mode = |m: Option<crate::ledger::record::Mode>| {
+                m.map_or(Value::Null, |m| m.as_str().into())
+            };
+            let mut entry = json!({ "time": record.time, "from": mode(record.mode_before), "to": mode(record.mode_after) });
+            if !investor {
+                entry["reason"] = record.reason.clone().map_or(Value::Null, Value::String);
+                entry["by"] = Value::String(record.source.clone());
+            }
+            g.mode_history.push(entry);
+        }
+        events::BUNDLE_QUARANTINED => g.quarantined += 1,
+        events::BUNDLE_RELEASED => g.released += 1,
+        "sovereign.bundle_loaded" => g.loaded += 1,
+        _ => {}
+    }
+    if let Some(bundle) = &record.bundle_id {
+        g.bundles.insert(bundle.clone());
+    }
+    let override_kind = match record.event_type.as_str() {
+        "override.granted" => Some("grants"),
+        "override.consumed" => Some("consumptions"),
+        "override.reuse_denied" => Some("denials"),
+        "override.revoked" => Some("revocations"),
+        "override.expired" => Some("expiries"),
+        _ => None,
+    };
+    if let Some(kind) = override_kind {
+        *g.override_usage.entry(kind).or_default() += 1;
+    }
+    let executor_kind = match record.event_type.as_str() {
+        "factory.execution_started" => Some("executions_started"),
+        "factory.execution_completed" => Some("executions_completed"),
+        "factory.execution_failed" => Some("executions_failed"),
+        "factory.step_completed" => Some("steps_completed"),
+        "factory.step_failed" => Some("steps_failed"),
+        "factory.rollback_started" => Some("rollbacks_started"),
+        "factory.rollback_completed" => Some("rollbacks_completed"),
+        _ => None,
+    };
+    if let Some(kind) = executor_kind {
+        *g.executor.entry(kind).or_default() += 1;
+    }
+    let include = match request.scope {
+        Scope::Internal => true,
+        Scope::Audit => g.events.len() < AUDIT_EVENT_LIMIT,
+        Scope::Investor => false,
+    };
+    if include && let Ok(event) = serde_json::from_slice::<Value>(bytes) {
+        g.events.push(event);
+    }
+}
+
+fn assemble(g: Gathered, request: &ExportRequest, as_of: u64) -> Value {
+    let count = |m: &BTreeMap<&'static str, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+    let executor_summary = if request.exclude_executor_summary {
+        Value::Null
+    } else {
+        let completed = count(&g.executor, "executions_completed");
+        let finished = completed + count(&g.executor, "executions_failed");
+        let mut summary: Map<String, Value> = [
+            "executions_started",
+            "executions_completed",
+            "executions_failed",
+            "steps_completed",
+            "steps_failed",
+            "rollbacks_started",
+            "rollbacks_completed",
+        ]
+        .iter()
+        .map(|k| ((*k).to_owned(), Value::from(count(&g.executor, k))))
+        .collect();
+        summary.insert(
+            "success_rate_permille".into(),
+            (completed * 1000).checked_div(finished).map_or(Value::Null, Value::from),
+        );
+        Value::Object(summary)
+    };
+    let override_usage: Map<String, Value> =
+        ["grants", "consumptions", "denials", "revocations", "expiries"]
+            .iter()
+            .map(|k| ((*k).to_owned(), Value::from(count(&g.override_usage, k))))
+            .collect();
+    let safe_mode = &g.state.safe_mode;
+    let investor = request.scope == Scope::Investor;
+    let events_included = g.events.len() as u64;
+    let has_range = g.first_seq != 0;
+    json!({
+        "format": FORMAT,
+        "scope": request.scope.as_str(),
+        "time_range": { "from": format_time(request.from), "to": format_time(request.to) },
+        "as_of": { "seq": as_of, "hash": g.as_of_hash },
+        // Governance configuration support is not built yet.
+        "governance_config": Value::Null,
+        "current_mode": crate::metrics::current_mode(&g.state).as_str(),
+        "safe_mode": {
+            "enabled": safe_mode.enabled,
+            "revision": safe_mode.revision,
+            "since": safe_mode.enabled_at.map(format_time),
+            "source": safe_mode.source.map(|s| s.as_str()),
+            "reason": if investor { None } else { safe_mode.reason.clone() },
+            "enabled_by": if investor { None } else { safe_mode.enabled_by.clone() },
+        },
+        "audit_summary": g.audit_summary,
+        "mode_history": g.mode_history,
+        "override_usage": override_usage,
+        "bundle_summary": {
+            "quarantined": g.quarantined, "released": g.released, "loaded": g.loaded,
+            "distinct_bundles": g.bundles.len() as u64,
+        },
+        "executor_summary": executor_summary,
+        "events_total": g.events_total,
+        "events_included": events_included,
+        "chain": {
+            "first_seq": if has_range { Value::from(g.first_seq) } else { Value::Null },
+            "last_seq": if has_range { Value::from(g.last_seq) } else { Value::Null },
+            "prev_hash": g.prev_hash,
+            "last_hash": if has_range { Value::String(g.last_hash) } else { Value::Null },
+        },
+        "events": g.events,
+    })
+}
+
+/// A pack's verification.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub hash_valid: bool,
+    pub chain_valid: bool,
+    pub signature_valid: bool,
+    pub matches_log: bool,
+    pub computed_hash: String,
+    pub problems: Vec<String>,
+}
+
+impl Verdict {
+    pub fn valid(&self) -> bool {
+        self.hash_valid && self.chain_valid && self.signature_valid && self.matches_log
+    }
+}
+
+/// Verifies a pack file against the given public keys (`key_id` → raw key) and, when given, this
+/// ledger. A file that is not a pack at all is an error; anything wrong inside is a problem.
+pub fn verify(
+    file: &str,
+    keys: &BTreeMap<String, [u8; 32]>,
+    log: Option<&dyn Storage>,
+) -> Result<Verdict, String> {
+    let document: Value =
+        serde_json::from_str(file).map_err(|e| format!("pack_json is not JSON: {e}"))?;
+    let pack =
+        document.get("pack").filter(|p| p.is_object()).ok_or("pack_json has no \"pack\" object")?;
+    let mut v = Verdict::default();
+    let canonical = serde_json_canonicalizer::to_string(pack).map_err(|e| e.to_string())?;
+    v.computed_hash = format!("sha256:{}", hex::encode(Sha256::digest(canonical.as_bytes())));
+    let claimed = document.get("content_hash").and_then(Value::as_str).unwrap_or("");
+    v.hash_valid = claimed == v.computed_hash;
+    if !v.hash_valid {
+        v.problems.push(format!(
+            "content_hash {claimed:?} does not match the computed {}",
+            v.computed_hash
+        ));
+    }
+    if document.get("pack_id").and_then(Value::as_str)
+        != Some(&format!("ep-{}", claimed.get(7..23).unwrap_or("")))
+    {
+        v.problems.push("pack_id does not match the content hash".into());
+        v.hash_valid = false;
+    }
+    v.signature_valid = check_signature(&document, claimed, keys, &mut v.problems);
+    v.chain_valid = check_chain(pack, &mut v.problems);
+    v.matches_log = match log {
+        Some(store) => check_log(pack, store, &mut v.problems),
+        None => {
+            v.problems.push("not compared with a ledger".into());
+            false
+        }
+    };
+    Ok(v)
+}
+
+fn check_signature(
+    document: &Value,
+    content_hash: &str,
+    keys: &BTreeMap<String, [u8; 32]>,
+    problems: &mut Vec<String>,
+) -> bool {
+    let signature = &document["signature"];
+    let key_id = signature["key_id"].as_str().unwrap_or("");
+    if signature["alg"] != "ed25519" {
+        problems.push("signature.alg is not ed25519".into());
+        return false;
+    }
+    let Some(key) = keys.get(key_id).and_then(|k| ed25519_dalek::VerifyingKey::from_bytes(k).ok())
+    else {
+        problems.push(format!("signature key_id {key_id:?} is not a known key"));
+        return false;
+    };
+    let value = signature["value"].as_str().and_then(|s| BASE64.decode(s).ok());
+    let Some(sig) = value.and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok()) else {
+        problems.push("signature.value is not a base64 Ed25519 signature".into());
+        return false;
+    };
+    let ok = key.verify_strict(content_hash.as_bytes(), &sig).is_ok();
+    if !ok {
+        problems.push(format!("the signature does not verify with key {key_id}"));
+    }
+    ok
+}
+
+fn check_chain(pack: &Value, problems: &mut Vec<String>) -> bool {
+    let before = problems.len();
+    let chain = &pack["chain"];
+    let events = pack["events"].as_array().cloned().unwrap_or_default();
+    if pack["events_included"].as_u64() != Some(events.len() as u64) {
+        problems.push("events_included does not match the events".into());
+    }
+    let mut prev = chain["prev_hash"].as_str().unwrap_or("").to_owned();
+    let mut seq = chain["first_seq"].as_u64().unwrap_or(0);
+    for event in &events {
+        let bytes = serde_json_canonicalizer::to_vec(event).unwrap_or_default();
+        match Record::decode_verified(&bytes) {
+            Err(e) => problems.push(format!("event seq {}: {e}", event["seq"])),
+            Ok(record) => {
+                if record.seq != seq {
+                    problems.push(format!("event seq {} where seq {seq} belongs", record.seq));
+                }
+                if record.prev_hash != prev {
+                    problems
+                        .push(format!("event seq {} does not link to the one before", record.seq));
+                }
+                prev = record.hash;
+            }
+        }
+        seq += 1;
+    }
+    let covers_range = chain["last_seq"].as_u64().is_some_and(|last| last + 1 == seq);
+    if covers_range && chain["last_hash"].as_str() != Some(prev.as_str()) {
+        problems.push("chain.last_hash does not match the last event".into());
+    }
+    problems.len() == before
+}
+
+fn check_log(pack: &Value, store: &dyn Storage, problems: &mut Vec<String>) -> bool {
+    let before = problems.len();
+    let stored_hash = |seq: u64| -> Option<String> {
+        if seq == 0 {
+            return Some(GENESIS_HASH.to_owned());
+        }
+        store
+            .get(seq)
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| v["hash"].as_str().map(str::to_owned))
+    };
+    let mut anchor = |what: &str, seq: Option<u64>, hash: Option<&str>| {
+        if let (Some(seq), Some(hash)) = (seq, hash)
+            && stored_hash(seq).as_deref() != Some(hash)
+        {
+            problems.push(format!("{what} (seq {seq}) differs from this ledger"));
+        }
+    };
+    anchor("as_of", pack["as_of"]["seq"].as_u64(), pack["as_of"]["hash"].as_str());
+    let first = pack["chain"]["first_seq"].as_u64();
+    anchor("chain.prev_hash", first.map(|f| f - 1), pack["chain"]["prev_hash"].as_str());
+    anchor(
+        "chain.last_hash",
+        pack["chain"]["last_seq"].as_u64(),
+        pack["chain"]["last_hash"].as_str(),
+    );
+    for event in pack["events"].as_array().into_iter().flatten() {
+        // Every included event must be byte for byte the record this ledger holds.
+        let seq = event["seq"].as_u64().unwrap_or(0);
+        let bytes = serde_json_canonicalizer::to_vec(event).unwrap_or_default();
+        if store.get(seq).ok().flatten().as_deref() != Some(bytes.as_slice()) {
+            problems.push(format!("event seq {seq} differs from this ledger"));
+        }
+    }
+    problems.len() == before
+}
