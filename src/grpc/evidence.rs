@@ -1,5 +1,5 @@
-//! EvidenceService over gRPC: `Export`, `Verify`, `GetPublicKeys`. The streaming RPCs answer
-//! UNIMPLEMENTED for now.
+//! EvidenceService over gRPC: `Export`, `Verify`, `VerifyStream`, `GetPublicKeys`.
+//! `ExportStream` answers UNIMPLEMENTED for now.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,6 +13,8 @@ use crate::evidence::pack::{self, ExportRequest, PackError, Scope};
 use crate::ledger::Ledger;
 use crate::pb;
 
+/// Largest pack `VerifyStream` accepts.
+pub const MAX_STREAMED_PACK_BYTES: usize = 512 * 1024 * 1024;
 /// Largest pack `Export` returns in one message.
 pub const MAX_UNARY_PACK_BYTES: usize = 4 * 1024 * 1024;
 
@@ -33,6 +35,31 @@ impl EvidenceApi {
             .ok()
             .and_then(|k| <[u8; 32]>::try_from(k).ok());
         raw.map(|k| (self.signer.key_id().to_owned(), k)).into_iter().collect()
+    }
+
+    /// Verifies a pack file against this service's keys and ledger.
+    async fn verdict(&self, file: String) -> Result<pb::VerifyResponse, Status> {
+        let keys = self.keys();
+        let store = self.ledger.store();
+        let verdict = tokio::task::spawn_blocking(move || {
+            pack::verify(
+                &file,
+                &keys,
+                store.as_deref().map(|s| s as &dyn crate::ledger::store::Storage),
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(format!("verify task failed: {e}")))?
+        .map_err(Status::invalid_argument)?;
+        Ok(pb::VerifyResponse {
+            valid: verdict.valid(),
+            hash_valid: verdict.hash_valid,
+            chain_valid: verdict.chain_valid,
+            signature_valid: verdict.signature_valid,
+            matches_log: verdict.matches_log,
+            computed_hash: verdict.computed_hash,
+            problems: verdict.problems,
+        })
     }
 }
 
@@ -109,27 +136,34 @@ impl pb::evidence_service_server::EvidenceService for EvidenceApi {
         &self,
         request: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
-        let file = request.into_inner().pack_json;
-        let keys = self.keys();
-        let store = self.ledger.store();
-        let verdict = tokio::task::spawn_blocking(move || {
-            pack::verify(
-                &file,
-                &keys,
-                store.as_deref().map(|s| s as &dyn crate::ledger::store::Storage),
-            )
-        })
-        .await
-        .map_err(|e| Status::internal(format!("verify task failed: {e}")))?
-        .map_err(Status::invalid_argument)?;
-        Ok(Response::new(pb::VerifyResponse {
-            valid: verdict.valid(),
-            hash_valid: verdict.hash_valid,
-            chain_valid: verdict.chain_valid,
-            signature_valid: verdict.signature_valid,
-            matches_log: verdict.matches_log,
-            computed_hash: verdict.computed_hash,
-            problems: verdict.problems,
+        Ok(Response::new(self.verdict(request.into_inner().pack_json).await?))
+    }
+
+    async fn verify_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::VerifyStreamRequest>>,
+    ) -> Result<Response<pb::VerifyStreamResponse>, Status> {
+        let mut chunks = request.into_inner();
+        let mut file = Vec::new();
+        while let Some(chunk) = chunks.message().await? {
+            if file.len() + chunk.data.len() > MAX_STREAMED_PACK_BYTES {
+                return Err(Status::resource_exhausted(format!(
+                    "the pack is over {MAX_STREAMED_PACK_BYTES} bytes"
+                )));
+            }
+            file.extend_from_slice(&chunk.data);
+        }
+        let file = String::from_utf8(file)
+            .map_err(|_| Status::invalid_argument("the pack is not UTF-8 JSON"))?;
+        let v = self.verdict(file).await?;
+        Ok(Response::new(pb::VerifyStreamResponse {
+            valid: v.valid,
+            hash_valid: v.hash_valid,
+            chain_valid: v.chain_valid,
+            signature_valid: v.signature_valid,
+            matches_log: v.matches_log,
+            computed_hash: v.computed_hash,
+            problems: v.problems,
         }))
     }
 

@@ -297,3 +297,32 @@ async fn bad_export_requests_name_the_field() {
         assert!(status.message().starts_with(field), "{field}: {}", status.message());
     }
 }
+
+#[tokio::test]
+async fn verify_stream_gives_the_verdict_of_verify_for_a_chunked_pack() {
+    let app = spawn_app().await;
+    history(&app).await;
+    let pack = export(&app, export_request(pb::EvidenceScope::Audit, 0)).await.pack_json;
+    let whole = verify(&app, pack.clone()).await;
+    let chunks: Vec<pb::VerifyStreamRequest> =
+        pack.as_bytes().chunks(100).map(|c| pb::VerifyStreamRequest { data: c.to_vec() }).collect();
+    let streamed = EvidenceServiceClient::new(app.channel.clone())
+        .verify_stream(tokio_stream::iter(chunks))
+        .await
+        .expect("verifies")
+        .into_inner();
+    assert!(streamed.valid, "{:?}", streamed.problems);
+    assert_eq!(streamed.computed_hash, whole.computed_hash);
+    let tampered = pack.replace("run 1 failed", "run 1 passed");
+    let chunks: Vec<pb::VerifyStreamRequest> = tampered
+        .as_bytes()
+        .chunks(7)
+        .map(|c| pb::VerifyStreamRequest { data: c.to_vec() })
+        .collect();
+    let streamed = EvidenceServiceClient::new(app.channel.clone())
+        .verify_stream(tokio_stream::iter(chunks))
+        .await
+        .expect("verifies")
+        .into_inner();
+    assert!(!streamed.valid && !streamed.problems.is_empty());
+}
