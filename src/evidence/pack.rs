@@ -93,16 +93,31 @@ struct Gathered {
     bundles: BTreeSet<String>,
     executor: BTreeMap<&'static str, u64>,
     events_total: u64,
-    events: Vec<Value>,
+    /// Events the scope includes: seqs `first_seq ..= first_seq + included - 1`.
+    included: u64,
+    /// Their stored size in bytes.
+    included_bytes: usize,
 }
 
-/// Builds the pack for `request` from the ledger prefix up to `as_of_seq` (the head when 0).
-pub fn build(
+/// The pack minus its events, computed in a first pass; the events follow in a second.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// JCS of the pack up to (not including) its `"events":[…]` member, and after it.
+    prefix: String,
+    suffix: String,
+    first_event: u64,
+    pub events_total: u64,
+    pub events_included: u64,
+    /// The size of the file to come, in bytes (close to exact).
+    pub approx_bytes: usize,
+}
+
+/// The first pass: every summary, from the ledger prefix up to `as_of_seq` (the head when 0).
+pub fn plan(
     store: &dyn Storage,
     head_seq: u64,
     request: &ExportRequest,
-    signer: &Signer,
-) -> Result<Pack, PackError> {
+) -> Result<Plan, PackError> {
     if request.from >= request.to {
         return Err(PackError::Invalid {
             field: "to",
@@ -134,28 +149,107 @@ pub fn build(
                 ControlFlow::Break(())
             }
         })
-        .map_err(|e| PackError::Storage(e.to_string()))?;
+        .map_err(storage)?;
     if let Some(problem) = problem {
         return Err(PackError::Storage(format!(
             "the ledger is damaged; no pack can vouch for it ({problem})"
         )));
     }
-    let pack = assemble(g, request, as_of);
-    let canonical = serde_json_canonicalizer::to_string(&pack)
-        .map_err(|e| PackError::Storage(e.to_string()))?;
-    let content_hash = format!("sha256:{}", hex::encode(Sha256::digest(canonical.as_bytes())));
+    let (first_event, events_total, events_included) = (g.first_seq, g.events_total, g.included);
+    let included_bytes = g.included_bytes;
+    let canonical =
+        serde_json_canonicalizer::to_string(&assemble(g, request, as_of)).map_err(storage)?;
+    // JCS puts "events" between "current_mode" and "events_included"; no other member of a pack
+    // can contain this text unescaped, so the split is exact.
+    let (prefix, suffix) = canonical
+        .split_once(EMPTY_EVENTS)
+        .map(|(p, s)| (p.to_owned(), s.to_owned()))
+        .ok_or_else(|| PackError::Storage("the pack has no events member".into()))?;
+    Ok(Plan {
+        approx_bytes: prefix.len() + suffix.len() + included_bytes + 400,
+        prefix,
+        suffix,
+        first_event,
+        events_total,
+        events_included,
+    })
+}
+
+const EMPTY_EVENTS: &str = "\"events\":[]";
+
+fn storage(e: impl std::fmt::Display) -> PackError {
+    PackError::Storage(e.to_string())
+}
+
+/// The second pass: streams the file to `sink` (the stored events copied as they are) and
+/// returns (content hash, pack id). Holds one event at a time, never the whole pack.
+pub fn write(
+    store: &dyn Storage,
+    plan: &Plan,
+    signer: &Signer,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), PackError>,
+) -> Result<(String, String), PackError> {
+    let mut hasher = Sha256::new();
+    let mut emit =
+        |bytes: &[u8], hashed: bool, sink: &mut dyn FnMut(&[u8]) -> Result<(), PackError>| {
+            if hashed {
+                hasher.update(bytes);
+            }
+            sink(bytes)
+        };
+    emit(b"{\"pack\":", false, sink)?;
+    emit(plan.prefix.as_bytes(), true, sink)?;
+    emit(b"\"events\":[", true, sink)?;
+    if plan.events_included > 0 {
+        let last = plan.first_event + plan.events_included - 1;
+        let mut result = Ok(());
+        let mut first = true;
+        store
+            .scan(plan.first_event, last, &mut |_, bytes| {
+                let step = (if first { Ok(()) } else { emit(b",", true, sink) })
+                    .and_then(|()| emit(bytes, true, sink));
+                first = false;
+                match step {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => {
+                        result = Err(e);
+                        ControlFlow::Break(())
+                    }
+                }
+            })
+            .map_err(storage)?;
+        result?;
+    }
+    emit(b"]", true, sink)?;
+    emit(plan.suffix.as_bytes(), true, sink)?;
+    let content_hash = format!("sha256:{}", hex::encode(hasher.finalize()));
     let pack_id = format!("ep-{}", &content_hash[7..23]);
     let signature = json!({ "alg": "ed25519", "key_id": signer.key_id(), "value": signer.sign_base64(content_hash.as_bytes()) });
-    let events_total = pack["events_total"].as_u64().unwrap_or(0);
-    let events_included = pack["events_included"].as_u64().unwrap_or(0);
-    let file = format!(
-        "{{\"pack\":{canonical},\"content_hash\":{},\"pack_id\":{},\"signature\":{}}}\n",
+    let tail = format!(
+        ",\"content_hash\":{},\"pack_id\":{},\"signature\":{}}}\n",
         Value::String(content_hash.clone()),
         Value::String(pack_id.clone()),
-        serde_json_canonicalizer::to_string(&signature)
-            .map_err(|e| PackError::Storage(e.to_string()))?,
+        serde_json_canonicalizer::to_string(&signature).map_err(storage)?,
     );
-    Ok(Pack { file, pack_id, content_hash, events_total, events_included })
+    sink(tail.as_bytes())?;
+    Ok((content_hash, pack_id))
+}
+
+/// Writes the whole pack in memory (for `Export`; `ExportStream` streams [`write`] instead).
+pub fn build(store: &dyn Storage, plan: &Plan, signer: &Signer) -> Result<Pack, PackError> {
+    let mut file = Vec::with_capacity(plan.approx_bytes);
+    let (content_hash, pack_id) = write(store, plan, signer, &mut |bytes| {
+        file.extend_from_slice(bytes);
+        Ok(())
+    })?;
+    let file = String::from_utf8(file).map_err(storage)?;
+    Ok(Pack {
+        file,
+        pack_id,
+        content_hash,
+        events_total: plan.events_total,
+        events_included: plan.events_included,
+    })
 }
 
 fn gather(g: &mut Gathered, record: &Record, bytes: &[u8], request: &ExportRequest) {
@@ -223,11 +317,12 @@ fn gather(g: &mut Gathered, record: &Record, bytes: &[u8], request: &ExportReque
     }
     let include = match request.scope {
         Scope::Internal => true,
-        Scope::Audit => g.events.len() < AUDIT_EVENT_LIMIT,
+        Scope::Audit => g.included < AUDIT_EVENT_LIMIT as u64,
         Scope::Investor => false,
     };
-    if include && let Ok(event) = serde_json::from_slice::<Value>(bytes) {
-        g.events.push(event);
+    if include {
+        g.included += 1;
+        g.included_bytes += bytes.len() + 1;
     }
 }
 
@@ -263,7 +358,7 @@ fn assemble(g: Gathered, request: &ExportRequest, as_of: u64) -> Value {
             .collect();
     let safe_mode = &g.state.safe_mode;
     let investor = request.scope == Scope::Investor;
-    let events_included = g.events.len() as u64;
+    let events_included = g.included;
     let has_range = g.first_seq != 0;
     json!({
         "format": FORMAT,
@@ -297,7 +392,8 @@ fn assemble(g: Gathered, request: &ExportRequest, as_of: u64) -> Value {
             "prev_hash": g.prev_hash,
             "last_hash": if has_range { Value::String(g.last_hash) } else { Value::Null },
         },
-        "events": g.events,
+        // Empty here; the events are streamed into this place (see `write`).
+        "events": [],
     })
 }
 

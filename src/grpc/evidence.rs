@@ -1,10 +1,10 @@
-//! EvidenceService over gRPC: `Export`, `Verify`, `VerifyStream`, `GetPublicKeys`.
-//! `ExportStream` answers UNIMPLEMENTED for now.
+//! EvidenceService over gRPC.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine;
+use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::convert::micros_from_pb;
@@ -37,6 +37,24 @@ impl EvidenceApi {
         raw.map(|k| (self.signer.key_id().to_owned(), k)).into_iter().collect()
     }
 
+    /// The first pass of an export, off the async runtime.
+    async fn plan(
+        &self,
+        export: ExportRequest,
+    ) -> Result<(Arc<dyn crate::ledger::store::Storage>, pack::Plan), Status> {
+        let store = self
+            .ledger
+            .store()
+            .ok_or_else(|| Status::unavailable("the ledger could not be opened"))?;
+        let head = self.ledger.state().head.seq;
+        let for_plan = store.clone();
+        let plan =
+            tokio::task::spawn_blocking(move || pack::plan(for_plan.as_ref(), head, &export))
+                .await
+                .map_err(|e| Status::internal(format!("export task failed: {e}")))??;
+        Ok((store, plan))
+    }
+
     /// Verifies a pack file against this service's keys and ledger.
     async fn verdict(&self, file: String) -> Result<pb::VerifyResponse, Status> {
         let keys = self.keys();
@@ -63,10 +81,17 @@ impl EvidenceApi {
     }
 }
 
-fn export_request(request: &pb::ExportRequest) -> Result<ExportRequest, Status> {
-    let from = request.from.as_ref().ok_or_else(|| Status::invalid_argument("from is required"))?;
-    let to = request.to.as_ref().ok_or_else(|| Status::invalid_argument("to is required"))?;
-    let scope = match pb::EvidenceScope::try_from(request.scope) {
+/// The fields `Export` and `ExportStream` share.
+fn export_request(
+    from: Option<&prost_types::Timestamp>,
+    to: Option<&prost_types::Timestamp>,
+    scope: i32,
+    exclude_executor_summary: bool,
+    as_of_seq: u64,
+) -> Result<ExportRequest, Status> {
+    let from = from.ok_or_else(|| Status::invalid_argument("from is required"))?;
+    let to = to.ok_or_else(|| Status::invalid_argument("to is required"))?;
+    let scope = match pb::EvidenceScope::try_from(scope) {
         Ok(pb::EvidenceScope::Audit) => Scope::Audit,
         Ok(pb::EvidenceScope::Investor) => Scope::Investor,
         Ok(pb::EvidenceScope::Internal) => Scope::Internal,
@@ -80,10 +105,13 @@ fn export_request(request: &pb::ExportRequest) -> Result<ExportRequest, Status> 
         from: micros_from_pb("from", from)?,
         to: micros_from_pb("to", to)?,
         scope,
-        exclude_executor_summary: request.exclude_executor_summary,
-        as_of_seq: request.as_of_seq,
+        exclude_executor_summary,
+        as_of_seq,
     })
 }
+
+/// Chunks of an `ExportStream` response.
+const STREAM_CHUNK_BYTES: usize = 256 * 1024;
 
 impl From<PackError> for Status {
     fn from(error: PackError) -> Status {
@@ -104,24 +132,26 @@ impl pb::evidence_service_server::EvidenceService for EvidenceApi {
         request: Request<pb::ExportRequest>,
     ) -> Result<Response<pb::ExportResponse>, Status> {
         let principal = super::principal(&request);
-        let export = export_request(request.get_ref())?;
-        let store = self
-            .ledger
-            .store()
-            .ok_or_else(|| Status::unavailable("the ledger could not be opened"))?;
-        let head = self.ledger.state().head.seq;
-        let signer = self.signer.clone();
-        let built = tokio::task::spawn_blocking(move || {
-            pack::build(store.as_ref(), head, &export, &signer)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("export task failed: {e}")))??;
-        if built.file.len() > MAX_UNARY_PACK_BYTES {
+        let r = request.get_ref();
+        let export = export_request(
+            r.from.as_ref(),
+            r.to.as_ref(),
+            r.scope,
+            r.exclude_executor_summary,
+            r.as_of_seq,
+        )?;
+        let (store, plan) = self.plan(export).await?;
+        if plan.approx_bytes > MAX_UNARY_PACK_BYTES {
             return Err(Status::resource_exhausted(format!(
-                "the pack is {} bytes, over the {MAX_UNARY_PACK_BYTES}-byte message limit; use ExportStream",
-                built.file.len()
+                "the pack is about {} bytes, over the {MAX_UNARY_PACK_BYTES}-byte message limit; use ExportStream",
+                plan.approx_bytes
             )));
         }
+        let signer = self.signer.clone();
+        let built =
+            tokio::task::spawn_blocking(move || pack::build(store.as_ref(), &plan, &signer))
+                .await
+                .map_err(|e| Status::internal(format!("export task failed: {e}")))??;
         tracing::info!(%principal, pack_id = %built.pack_id, events = built.events_included, "evidence pack exported");
         Ok(Response::new(pb::ExportResponse {
             pack_json: built.file,
@@ -130,6 +160,44 @@ impl pb::evidence_service_server::EvidenceService for EvidenceApi {
             events_total: built.events_total,
             events_included: built.events_included,
         }))
+    }
+
+    async fn export_stream(
+        &self,
+        request: Request<pb::ExportStreamRequest>,
+    ) -> Result<Response<BoxStream<pb::ExportStreamResponse>>, Status> {
+        let principal = super::principal(&request);
+        let r = request.get_ref();
+        let export = export_request(
+            r.from.as_ref(),
+            r.to.as_ref(),
+            r.scope,
+            r.exclude_executor_summary,
+            r.as_of_seq,
+        )?;
+        let (store, plan) = self.plan(export).await?;
+        let signer = self.signer.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let mut chunk = Vec::with_capacity(STREAM_CHUNK_BYTES);
+            let send = |chunk: &mut Vec<u8>| {
+                let data = std::mem::replace(chunk, Vec::with_capacity(STREAM_CHUNK_BYTES));
+                tx.blocking_send(Ok(pb::ExportStreamResponse { data }))
+                    .map_err(|_| PackError::Storage("the client went away".into()))
+            };
+            let written = pack::write(store.as_ref(), &plan, &signer, &mut |bytes| {
+                chunk.extend_from_slice(bytes);
+                if chunk.len() >= STREAM_CHUNK_BYTES { send(&mut chunk) } else { Ok(()) }
+            })
+            .and_then(|ids| send(&mut chunk).map(|()| ids));
+            match written {
+                Ok((_, pack_id)) => tracing::info!(%principal, %pack_id, "evidence pack streamed"),
+                Err(error) => {
+                    let _ = tx.blocking_send(Err(Status::from(error)));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn verify(

@@ -326,3 +326,75 @@ async fn verify_stream_gives_the_verdict_of_verify_for_a_chunked_pack() {
         .into_inner();
     assert!(!streamed.valid && !streamed.problems.is_empty());
 }
+
+async fn export_stream(app: &crate::helpers::TestApp, request: pb::ExportRequest) -> Vec<u8> {
+    use tokio_stream::StreamExt;
+    let request = pb::ExportStreamRequest {
+        from: request.from,
+        to: request.to,
+        scope: request.scope,
+        exclude_executor_summary: request.exclude_executor_summary,
+        as_of_seq: request.as_of_seq,
+    };
+    let mut stream = EvidenceServiceClient::new(app.channel.clone())
+        .export_stream(request)
+        .await
+        .expect("streams")
+        .into_inner();
+    let mut file = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        file.extend(chunk.expect("a chunk").data);
+    }
+    file
+}
+
+#[tokio::test]
+async fn export_stream_concatenated_equals_export() {
+    let app = spawn_app().await;
+    history(&app).await;
+    for scope in
+        [pb::EvidenceScope::Audit, pb::EvidenceScope::Investor, pb::EvidenceScope::Internal]
+    {
+        let whole = export(&app, export_request(scope, 0)).await.pack_json;
+        let streamed = export_stream(&app, export_request(scope, 0)).await;
+        assert_eq!(String::from_utf8(streamed).expect("utf8"), whole, "{scope:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_pack_over_the_message_limit_is_refused_by_export_and_streamed_instead() {
+    let app = spawn_app().await;
+    for batch in 0..3 {
+        let records = (0..100)
+            .map(|i| {
+                let mut e = crate::helpers::event(
+                    "test.large",
+                    &format!("{batch}/{i} {}", "r".repeat(1000)),
+                );
+                for k in 0..14 {
+                    e.metadata.insert(format!("key_{k:02}"), "m".repeat(1000));
+                }
+                pb::BatchRecord { event: Some(e), idempotency_key: String::new() }
+            })
+            .collect();
+        app.audit().record_batch(pb::RecordBatchRequest { records }).await.expect("recorded");
+    }
+    let refused = EvidenceServiceClient::new(app.channel.clone())
+        .export(export_request(pb::EvidenceScope::Internal, 0))
+        .await
+        .expect_err("over 4 MiB");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.message().contains("ExportStream"), "{}", refused.message());
+    let file = export_stream(&app, export_request(pb::EvidenceScope::Internal, 0)).await;
+    assert!(file.len() > 4 * 1024 * 1024);
+    let key = public_keys(app.channel.clone()).await.remove(0);
+    independently_verify(std::str::from_utf8(&file).expect("utf8"), &key.public_key);
+    let chunks: Vec<_> =
+        file.chunks(1 << 20).map(|c| pb::VerifyStreamRequest { data: c.to_vec() }).collect();
+    let verdict = EvidenceServiceClient::new(app.channel.clone())
+        .verify_stream(tokio_stream::iter(chunks))
+        .await
+        .expect("verifies")
+        .into_inner();
+    assert!(verdict.valid, "{:?}", verdict.problems);
+}

@@ -153,8 +153,8 @@ async fn reflection_v1_and_v1alpha_list_all_five_services() {
 #[tokio::test]
 async fn rpcs_not_built_yet_answer_unimplemented() {
     let app = spawn_app().await;
-    let status = pb::evidence_service_client::EvidenceServiceClient::new(app.channel.clone())
-        .export_stream(pb::ExportStreamRequest::default())
+    let status = pb::override_service_client::OverrideServiceClient::new(app.channel.clone())
+        .list(pb::OverrideServiceListRequest::default())
         .await
         .expect_err("not built yet");
     assert_eq!(status.code(), Code::Unimplemented);
