@@ -3,6 +3,7 @@
 //! `-o human|json` and `--timeout-seconds`, and exits with one of the codes in [`exit`].
 
 mod audit;
+mod evidence;
 mod keygen;
 mod metrics;
 mod safe_mode;
@@ -52,6 +53,13 @@ pub enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: audit::AuditCommand,
+    },
+    /// Export and verify signed evidence packs.
+    Evidence {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: evidence::EvidenceCommand,
     },
     /// Read the operational picture.
     Metrics {
@@ -177,6 +185,7 @@ pub async fn run_client(command: Command) -> u8 {
         Command::SafeMode { client, command } => safe_mode::run(&client, command).await,
         Command::Token { command } => token::run(command),
         Command::Keygen(args) => keygen::run(args),
+        Command::Evidence { client, command } => evidence::run(&client, command).await,
         Command::Metrics { client, command } => metrics::run(&client, command).await,
     };
     match result {

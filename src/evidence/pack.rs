@@ -412,6 +412,11 @@ impl Verdict {
     pub fn valid(&self) -> bool {
         self.hash_valid && self.chain_valid && self.signature_valid && self.matches_log
     }
+
+    /// Valid as far as can be told without the ledger.
+    pub fn valid_offline(&self) -> bool {
+        self.hash_valid && self.chain_valid && self.signature_valid
+    }
 }
 
 /// Verifies a pack file against the given public keys (`key_id` → raw key) and, when given, this

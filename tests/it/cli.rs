@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use brain_ops::ledger::store::{SledOptions, SledStore, Storage};
+use brain_ops::pb;
 
 use crate::helpers::{BIN, spawn_app, spawn_app_in};
 
@@ -252,4 +253,69 @@ async fn audit_record_and_metrics_summary_drive_and_read_the_projections() {
         (summary["quarantines"].as_u64(), summary["mode_switches"].as_u64()),
         (Some(1), Some(1))
     );
+}
+
+#[tokio::test]
+async fn evidence_export_and_verify_work_offline_and_through_the_server() {
+    let app = spawn_app().await;
+    app.record("factory.step_failed", "timeout after 300 s").await;
+    app.record("factory.rollback_started", "step failed").await;
+    let server = format!("http://{}", app.grpc_addr);
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let pack = dir.path().join("pack.json");
+    let pack_arg = pack.to_str().expect("utf8");
+    let (code, stdout, stderr) = run(
+        &server,
+        &[
+            "evidence",
+            "export",
+            "--scope",
+            "audit",
+            "--from",
+            "2020-01-01T00:00:00Z",
+            "--to",
+            "2100-01-01T00:00:00Z",
+            "--out",
+            pack_arg,
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("ep-"), "{stdout}");
+
+    let key = pb::evidence_service_client::EvidenceServiceClient::new(app.channel.clone())
+        .get_public_keys(pb::GetPublicKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .keys
+        .remove(0);
+    let key_file = dir.path().join("service.key");
+    std::fs::write(&key_file, &key.public_key).expect("writes");
+    let key_arg = key_file.to_str().expect("utf8");
+    let (code, stdout, _) =
+        run("http://127.0.0.1:1", &["evidence", "verify", pack_arg, "--public-key", key_arg]).await;
+    assert_eq!(code, Some(0), "offline, no server needed: {stdout}");
+    assert!(stdout.contains("VALID") && stdout.contains("matches_log: not checked"), "{stdout}");
+    let (code, stdout, _) = run(&server, &["evidence", "verify", pack_arg, "-o", "json"]).await;
+    assert_eq!(code, Some(0), "{stdout}");
+    let verdict: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(verdict["matches_log"], true);
+
+    let other = dir.path().join("other.pem");
+    run("unused", &["keygen", "--out", other.to_str().expect("utf8")]).await;
+    let other_pub = format!("{}.pub", other.display());
+    let (code, stdout, _) =
+        run("http://127.0.0.1:1", &["evidence", "verify", pack_arg, "--public-key", &other_pub])
+            .await;
+    assert_eq!(code, Some(1), "another key does not verify: {stdout}");
+
+    let edited = std::fs::read_to_string(&pack)
+        .expect("reads")
+        .replace("timeout after 300 s", "timeout after 3 s");
+    std::fs::write(&pack, edited).expect("writes");
+    let (code, stdout, _) =
+        run("http://127.0.0.1:1", &["evidence", "verify", pack_arg, "--public-key", key_arg]).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("INVALID") && stdout.contains("problem:"), "{stdout}");
 }
