@@ -512,9 +512,10 @@ fn check_chain(pack: &Value, problems: &mut Vec<String>) -> bool {
                 prev = record.hash;
             }
         }
-        seq += 1;
+        seq = seq.saturating_add(1);
     }
-    let covers_range = chain["last_seq"].as_u64().is_some_and(|last| last + 1 == seq);
+    let covers_range =
+        chain["last_seq"].as_u64().is_some_and(|last| last.checked_add(1) == Some(seq));
     if covers_range && chain["last_hash"].as_str() != Some(prev.as_str()) {
         problems.push("chain.last_hash does not match the last event".into());
     }
@@ -543,7 +544,11 @@ fn check_log(pack: &Value, store: &dyn Storage, problems: &mut Vec<String>) -> b
     };
     anchor("as_of", pack["as_of"]["seq"].as_u64(), pack["as_of"]["hash"].as_str());
     let first = pack["chain"]["first_seq"].as_u64();
-    anchor("chain.prev_hash", first.map(|f| f - 1), pack["chain"]["prev_hash"].as_str());
+    anchor(
+        "chain.prev_hash",
+        first.and_then(|f| f.checked_sub(1)),
+        pack["chain"]["prev_hash"].as_str(),
+    );
     anchor(
         "chain.last_hash",
         pack["chain"]["last_seq"].as_u64(),

@@ -398,3 +398,17 @@ async fn a_pack_over_the_message_limit_is_refused_by_export_and_streamed_instead
         .into_inner();
     assert!(verdict.valid, "{:?}", verdict.problems);
 }
+
+#[test]
+fn malformed_pack_files_are_refused_or_found_invalid_never_a_panic() {
+    let corpus: Vec<String> = serde_json::from_str(include_str!("../corpus/malformed_packs.json"))
+        .expect("corpus parses");
+    assert!(corpus.len() >= 25);
+    let keys = std::collections::BTreeMap::new();
+    for file in &corpus {
+        match brain_ops::evidence::pack::verify(file, &keys, None) {
+            Err(_) => {}
+            Ok(verdict) => assert!(!verdict.valid_offline(), "{file:?} passed verification"),
+        }
+    }
+}
