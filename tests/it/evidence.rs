@@ -412,3 +412,26 @@ fn malformed_pack_files_are_refused_or_found_invalid_never_a_panic() {
         }
     }
 }
+
+#[tokio::test]
+async fn every_exported_pack_matches_the_published_json_schema() {
+    let schema: Value = serde_json::from_str(include_str!("../../docs/evidence-pack.schema.json"))
+        .expect("schema parses");
+    let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+    let app = spawn_app().await;
+    history(&app).await;
+    for scope in
+        [pb::EvidenceScope::Audit, pb::EvidenceScope::Investor, pb::EvidenceScope::Internal]
+    {
+        let mut request = export_request(scope, 0);
+        request.exclude_executor_summary = scope == pb::EvidenceScope::Investor;
+        let pack: Value =
+            serde_json::from_str(&export(&app, request).await.pack_json).expect("JSON");
+        if let Err(error) = validator.validate(&pack) {
+            panic!("{scope:?} pack does not match the schema: {error}");
+        }
+        let mut extra = pack.clone();
+        extra["pack"]["unexpected"] = Value::from(1);
+        assert!(!validator.is_valid(&extra), "the schema refuses unknown members");
+    }
+}
