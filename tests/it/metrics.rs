@@ -203,7 +203,7 @@ async fn a_forged_safe_mode_disabled_is_refused_and_the_freeze_stands() {
 }
 
 #[tokio::test]
-async fn a_password_never_reaches_the_ledger_list_or_metrics() {
+async fn a_password_never_reaches_the_ledger_list_metrics_or_exports() {
     let app = spawn_app().await;
     let mut e = event("sovereign.bundle_quarantined", "hash mismatch");
     e.bundle_id = "b1".into();
@@ -214,6 +214,20 @@ async fn a_password_never_reaches_the_ledger_list_or_metrics() {
     for path in ["/metrics", "/metrics/summary", "/metrics/health"] {
         assert!(!http_get(app.metrics_addr, path).await.1.contains("pa55-w0rd-xyz"), "{path}");
     }
+    let export = pb::ExportRequest {
+        from: Some(prost_types::Timestamp { seconds: 0, nanos: 0 }),
+        to: Some(prost_types::Timestamp { seconds: 4_000_000_000, nanos: 0 }),
+        scope: pb::EvidenceScope::Internal.into(),
+        ..Default::default()
+    };
+    let pack = pb::evidence_service_client::EvidenceServiceClient::new(app.channel.clone())
+        .export(export)
+        .await
+        .expect("exports")
+        .into_inner();
+    assert_eq!(pack.events_included, 1);
+    assert!(!pack.pack_json.contains("pa55-w0rd-xyz"), "nor any export");
+    assert!(pack.pack_json.contains("[REDACTED]"));
 }
 
 #[tokio::test]
