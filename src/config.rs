@@ -150,65 +150,22 @@ impl TryFrom<ServeArgs> for Config {
                 ));
             }
         };
-        let drain_timeout = args
-            .drain_timeout_seconds
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .filter(|s| (1..=3600).contains(s))
-            .map(Duration::from_secs)
-            .ok_or_else(|| {
-                invalid(
-                    "--drain-timeout-seconds / BRAIN_DRAIN_TIMEOUT_SECONDS",
-                    format!(
-                        "{:?} is not a whole number from 1 to 3600",
-                        args.drain_timeout_seconds
-                    ),
-                )
-            })?;
-        let cache_mb = args
-            .cache_mb
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .filter(|m| (8..=65536).contains(m))
-            .ok_or_else(|| {
-                invalid(
-                    "--cache-mb / BRAIN_CACHE_MB",
-                    format!("{:?} is not a whole number from 8 to 65536", args.cache_mb),
-                )
-            })?;
-        let retention_hours = args
-            .idempotency_retention_hours
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .filter(|h| (1..=24 * 366).contains(h))
-            .ok_or_else(|| {
-                invalid(
-                    "--idempotency-retention-hours / BRAIN_IDEMPOTENCY_RETENTION_HOURS",
-                    format!(
-                        "{:?} is not a whole number of hours from 1 to 8784",
-                        args.idempotency_retention_hours
-                    ),
-                )
-            })?;
-        let watch_heartbeat = args
-            .watch_heartbeat_seconds
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .filter(|s| (1..=60).contains(s))
-            .map(Duration::from_secs)
-            .ok_or_else(|| {
-                invalid(
-                    "--watch-heartbeat-seconds / BRAIN_WATCH_HEARTBEAT_SECONDS",
-                    format!(
-                        "{:?} is not a whole number from 1 to 60",
-                        args.watch_heartbeat_seconds
-                    ),
-                )
-            })?;
+        let drain_timeout = Duration::from_secs(parse_whole(
+            "--drain-timeout-seconds / BRAIN_DRAIN_TIMEOUT_SECONDS",
+            &args.drain_timeout_seconds,
+            1..=3600,
+        )?);
+        let cache_mb = parse_whole("--cache-mb / BRAIN_CACHE_MB", &args.cache_mb, 8..=65536)?;
+        let retention_hours = parse_whole(
+            "--idempotency-retention-hours / BRAIN_IDEMPOTENCY_RETENTION_HOURS",
+            &args.idempotency_retention_hours,
+            1..=24 * 366,
+        )?;
+        let watch_heartbeat = Duration::from_secs(parse_whole(
+            "--watch-heartbeat-seconds / BRAIN_WATCH_HEARTBEAT_SECONDS",
+            &args.watch_heartbeat_seconds,
+            1..=60,
+        )?);
         if args.data_dir.as_os_str().is_empty() {
             return Err(invalid("--data-dir / BRAIN_DATA_DIR", "must not be empty"));
         }
@@ -265,6 +222,20 @@ impl TryFrom<ServeArgs> for Config {
             clock: Arc::new(SystemClock),
         })
     }
+}
+
+/// A whole number within `range`, or an error naming the setting and the range.
+fn parse_whole(
+    setting: &'static str,
+    raw: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    raw.trim().parse::<u64>().ok().filter(|n| range.contains(n)).ok_or_else(|| {
+        invalid(
+            setting,
+            format!("{raw:?} is not a whole number from {} to {}", range.start(), range.end()),
+        )
+    })
 }
 
 fn parse_addr(setting: &'static str, raw: &str) -> Result<SocketAddr, ConfigError> {
