@@ -81,17 +81,12 @@ impl EvidenceApi {
     }
 }
 
-/// The fields `Export` and `ExportStream` share.
-fn export_request(
-    from: Option<&prost_types::Timestamp>,
-    to: Option<&prost_types::Timestamp>,
-    scope: i32,
-    exclude_executor_summary: bool,
-    as_of_seq: u64,
-) -> Result<ExportRequest, Status> {
+/// A validated export request.
+fn export_request(request: &pb::ExportRequest) -> Result<ExportRequest, Status> {
+    let (from, to) = (request.from.as_ref(), request.to.as_ref());
     let from = from.ok_or_else(|| Status::invalid_argument("from is required"))?;
     let to = to.ok_or_else(|| Status::invalid_argument("to is required"))?;
-    let scope = match pb::EvidenceScope::try_from(scope) {
+    let scope = match pb::EvidenceScope::try_from(request.scope) {
         Ok(pb::EvidenceScope::Audit) => Scope::Audit,
         Ok(pb::EvidenceScope::Investor) => Scope::Investor,
         Ok(pb::EvidenceScope::Internal) => Scope::Internal,
@@ -105,8 +100,8 @@ fn export_request(
         from: micros_from_pb("from", from)?,
         to: micros_from_pb("to", to)?,
         scope,
-        exclude_executor_summary,
-        as_of_seq,
+        exclude_executor_summary: request.exclude_executor_summary,
+        as_of_seq: request.as_of_seq,
     })
 }
 
@@ -132,14 +127,7 @@ impl pb::evidence_service_server::EvidenceService for EvidenceApi {
         request: Request<pb::ExportRequest>,
     ) -> Result<Response<pb::ExportResponse>, Status> {
         let principal = super::principal(&request);
-        let r = request.get_ref();
-        let export = export_request(
-            r.from.as_ref(),
-            r.to.as_ref(),
-            r.scope,
-            r.exclude_executor_summary,
-            r.as_of_seq,
-        )?;
+        let export = export_request(request.get_ref())?;
         let (store, plan) = self.plan(export).await?;
         if plan.approx_bytes > MAX_UNARY_PACK_BYTES {
             return Err(Status::resource_exhausted(format!(
@@ -168,13 +156,14 @@ impl pb::evidence_service_server::EvidenceService for EvidenceApi {
     ) -> Result<Response<BoxStream<pb::ExportStreamResponse>>, Status> {
         let principal = super::principal(&request);
         let r = request.get_ref();
-        let export = export_request(
-            r.from.as_ref(),
-            r.to.as_ref(),
-            r.scope,
-            r.exclude_executor_summary,
-            r.as_of_seq,
-        )?;
+        // The stream's request has the same fields; the contract gives each RPC its own message.
+        let export = export_request(&pb::ExportRequest {
+            from: r.from,
+            to: r.to,
+            scope: r.scope,
+            exclude_executor_summary: r.exclude_executor_summary,
+            as_of_seq: r.as_of_seq,
+        })?;
         let (store, plan) = self.plan(export).await?;
         let signer = self.signer.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
