@@ -33,7 +33,8 @@ pub struct ServeArgs {
     /// Ed25519 signing key (PKCS#8 PEM) for evidence packs and checkpoints.
     #[arg(long, env = "BRAIN_SIGNING_KEY_FILE")]
     pub signing_key_file: Option<PathBuf>,
-    /// Governance configuration (TOML).
+    /// Governance configuration (TOML, docs/GOVERNANCE.md), recorded in the ledger when it
+    /// changes; reread on SIGHUP.
     #[arg(long, env = "BRAIN_GOVERNANCE_CONFIG")]
     pub governance_config: Option<PathBuf>,
     /// TLS certificate chain (PEM).
@@ -60,6 +61,9 @@ pub struct ServeArgs {
     /// Seconds between `Watch` heartbeats.
     #[arg(long, env = "BRAIN_WATCH_HEARTBEAT_SECONDS", default_value = "5")]
     pub watch_heartbeat_seconds: String,
+    /// Seconds between signed checkpoints while events arrive (one is also taken at shutdown).
+    #[arg(long, env = "BRAIN_CHECKPOINT_INTERVAL_SECONDS", default_value = "600")]
+    pub checkpoint_interval_seconds: String,
     /// Hours an idempotency key is remembered.
     #[arg(long, env = "BRAIN_IDEMPOTENCY_RETENTION_HOURS", default_value = "24")]
     pub idempotency_retention_hours: String,
@@ -94,6 +98,10 @@ pub struct Config {
     pub auth_file: Option<PathBuf>,
     /// The Ed25519 signing key; `None` generates one in the data directory on first start.
     pub signing_key_file: Option<PathBuf>,
+    /// The governance configuration file; `None` records none.
+    pub governance_config: Option<PathBuf>,
+    /// Time between checkpoints while events arrive.
+    pub checkpoint_interval: Duration,
     /// Serving a non-loopback address without authentication, as
     /// `--insecure-allow-unauthenticated` allowed. Logged and recorded at start.
     pub exposed_without_auth: bool,
@@ -119,6 +127,8 @@ impl Config {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             auth_file: None,
             signing_key_file: None,
+            governance_config: None,
+            checkpoint_interval: Duration::from_secs(600),
             exposed_without_auth: false,
             data_dir: data_dir.into(),
             safe_mode_at_start: false,
@@ -166,6 +176,11 @@ impl TryFrom<ServeArgs> for Config {
             &args.watch_heartbeat_seconds,
             1..=60,
         )?);
+        let checkpoint_interval = Duration::from_secs(parse_whole(
+            "--checkpoint-interval-seconds / BRAIN_CHECKPOINT_INTERVAL_SECONDS",
+            &args.checkpoint_interval_seconds,
+            1..=86400,
+        )?);
         if args.data_dir.as_os_str().is_empty() {
             return Err(invalid("--data-dir / BRAIN_DATA_DIR", "must not be empty"));
         }
@@ -173,7 +188,6 @@ impl TryFrom<ServeArgs> for Config {
         // an operator who configures TLS or authentication must not get a service without it.
         let unsupported = [
             ("--health-addr / BRAIN_HEALTH_ADDR", args.health_addr.is_some()),
-            ("--governance-config / BRAIN_GOVERNANCE_CONFIG", args.governance_config.is_some()),
             ("--tls-cert / BRAIN_TLS_CERT", args.tls_cert.is_some()),
             ("--tls-key / BRAIN_TLS_KEY", args.tls_key.is_some()),
             ("--tls-client-ca / BRAIN_TLS_CLIENT_CA", args.tls_client_ca.is_some()),
@@ -210,6 +224,8 @@ impl TryFrom<ServeArgs> for Config {
             metrics_addr,
             auth_file: args.auth_file,
             signing_key_file: args.signing_key_file,
+            governance_config: args.governance_config,
+            checkpoint_interval,
             exposed_without_auth,
             data_dir: args.data_dir,
             safe_mode_at_start,

@@ -4,10 +4,12 @@
 
 pub mod audit;
 pub mod auth;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod evidence;
+pub mod governance;
 pub mod grpc;
 pub mod http;
 pub mod ledger;

@@ -268,6 +268,29 @@ impl Metrics {
             |s| s.clock_regressions,
         );
         gauge("brain_ledger_head_seq", "Seq of the newest durable ledger event", |s| s.head.seq);
+        gauge(
+            "brain_ledger_checkpoint_head_seq",
+            "Head seq vouched for by the newest signed checkpoint; 0 if none",
+            |s| s.checkpoint.as_ref().map_or(0, |c| c.head_seq),
+        );
+        {
+            let ledger = ledger.clone();
+            self.meter
+                .u64_observable_gauge("brain_ledger_checkpoint_info")
+                .with_description("The newest signed checkpoint: its head hash and signing key id (one series, value 1)")
+                .with_callback(move |o| {
+                    if let Some(c) = &ledger.state().checkpoint {
+                        o.observe(
+                            1,
+                            &[
+                                KeyValue::new("head_hash", c.head_hash.clone()),
+                                KeyValue::new("key_id", c.key_id.clone()),
+                            ],
+                        );
+                    }
+                })
+                .build();
+        }
         {
             let ledger = ledger.clone();
             self.meter

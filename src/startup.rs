@@ -15,16 +15,19 @@ use crate::auth::{Authenticator, DenialRecorder, PrincipalsError};
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::evidence::keys::{KeyError, Signer};
+use crate::governance::{self, GovernanceError};
 use crate::grpc::authn::AuthLayer;
 use crate::grpc::evidence::EvidenceApi;
 use crate::grpc::metrics::MetricsApi;
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::safe_mode::SafeModeApi;
+use crate::ledger::Decision;
 use crate::ledger::record::{Draft, Severity};
+use crate::ledger::verify::{Damage, Verification};
 use crate::ledger::{Ledger, LedgerOptions};
 use crate::metrics::Metrics;
 use crate::safe_mode::SafeModeControl;
-use crate::{http, safe_mode, server};
+use crate::{checkpoint, http, safe_mode, server};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,8 @@ pub enum StartError {
     Principals(#[from] PrincipalsError),
     #[error("invalid setting --signing-key-file / BRAIN_SIGNING_KEY_FILE: {0}")]
     SigningKey(#[from] KeyError),
+    #[error("invalid setting --governance-config / BRAIN_GOVERNANCE_CONFIG: {0}")]
+    Governance(#[from] GovernanceError),
 }
 
 impl StartError {
@@ -46,7 +51,10 @@ impl StartError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            StartError::Bind { .. } | StartError::Principals(_) | StartError::SigningKey(_)
+            StartError::Bind { .. }
+                | StartError::Principals(_)
+                | StartError::SigningKey(_)
+                | StartError::Governance(_)
         )
     }
 }
@@ -70,6 +78,7 @@ pub struct App {
     control: Arc<SafeModeControl>,
     metrics: Arc<Metrics>,
     auth: AuthLayer,
+    signer: Arc<Signer>,
     drain: Arc<Drain>,
     health: HealthReporter,
     routes: tonic::service::Routes,
@@ -83,6 +92,10 @@ impl App {
         let authenticator = match &config.auth_file {
             Some(path) => Authenticator::from_file(path)?,
             None => Authenticator::off(),
+        };
+        let governance = match &config.governance_config {
+            Some(path) => Some(governance::Loaded::from_file(path)?),
+            None => None,
         };
         let grpc = bind("--grpc-addr / BRAIN_GRPC_ADDR", config.grpc_addr).await?;
         let http = bind("--metrics-addr / BRAIN_METRICS_ADDR", config.metrics_addr).await?;
@@ -122,10 +135,18 @@ impl App {
             safe_mode = state.safe_mode.enabled,
             "ledger verified and state rebuilt"
         );
-        let decision =
-            safe_mode::startup_decision(report.verification.clone(), config.safe_mode_at_start);
+        let mut verification = report.verification.clone();
+        let anchor_lost = check_checkpoint(&ledger, &config.data_dir, &mut verification).await;
+        let decision = safe_mode::startup_decision(verification, config.safe_mode_at_start);
         if let Err(error) = ledger.decide(decision).await {
             tracing::error!(%error, "could not take the start-up safe-mode decision");
+        }
+        if let Err(error) = ledger.decide(record_governance(governance)).await {
+            tracing::error!(%error, "could not record the governance configuration");
+        }
+        if anchor_lost {
+            // The damage is on record; a new checkpoint anchors the ledger as it now is.
+            checkpoint::take(&ledger, signer.clone(), &config.data_dir).await;
         }
         if config.exposed_without_auth {
             tracing::warn!(grpc = %config.grpc_addr, metrics = %config.metrics_addr, "serving a non-loopback address WITHOUT authentication (--insecure-allow-unauthenticated)");
@@ -153,10 +174,22 @@ impl App {
             metrics.watch_streams.clone(),
         );
         let metrics_api = MetricsApi::new(ledger.clone(), metrics.clone());
-        let evidence_api = EvidenceApi::new(ledger.clone(), signer);
+        let evidence_api = EvidenceApi::new(ledger.clone(), signer.clone());
         let routes =
             server::routes(&ledger, safe_mode_api, metrics_api, evidence_api, health_service);
-        Ok(App { config, grpc, http, ledger, control, metrics, auth, drain, health, routes })
+        Ok(App {
+            config,
+            grpc,
+            http,
+            ledger,
+            control,
+            metrics,
+            auth,
+            signer,
+            drain,
+            health,
+            routes,
+        })
     }
 
     /// The bound gRPC address.
@@ -182,8 +215,19 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let (grpc_addr, metrics_addr) = (self.grpc_addr(), self.metrics_addr());
-        let App { config, grpc, http, ledger, control, metrics, auth, drain, health, routes } =
-            self;
+        let App {
+            config,
+            grpc,
+            http,
+            ledger,
+            control,
+            metrics,
+            auth,
+            signer,
+            drain,
+            health,
+            routes,
+        } = self;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let stop_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
@@ -215,7 +259,22 @@ impl App {
                 }
             })
         };
-        let reloader = tokio::spawn(reload_on_sighup(auth.auth.clone(), ledger.clone()));
+        let reloader = tokio::spawn(reload_on_sighup(
+            auth.auth.clone(),
+            config.governance_config.clone(),
+            ledger.clone(),
+        ));
+        let checkpointer = {
+            let (ledger, signer, dir) = (ledger.clone(), signer.clone(), config.data_dir.clone());
+            let every = config.checkpoint_interval;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tick.tick().await;
+                    checkpoint::take(&ledger, signer.clone(), &dir).await;
+                }
+            })
+        };
         // The ledger's size on disk is read from the filesystem here, never during a scrape.
         let sizer = {
             let (ledger, bytes) = (ledger.clone(), metrics.ledger_bytes.clone());
@@ -248,8 +307,10 @@ impl App {
         flusher.abort();
         reloader.abort();
         sizer.abort();
+        checkpointer.abort();
         control.flush_blocked(true).await;
         auth.denials.flush(true).await;
+        checkpoint::take(&ledger, signer, &config.data_dir).await;
         ledger.shutdown().await;
         metrics.shutdown();
         tracing::info!("brain-ops stopped");
@@ -263,9 +324,65 @@ impl App {
     }
 }
 
-/// Reloads the principals file on every SIGHUP, atomically: a file that cannot be used is
-/// rejected and the principals in force stay. Each attempt is recorded.
-async fn reload_on_sighup(auth: Arc<Authenticator>, ledger: Ledger) {
+/// Compares the ledger with the checkpoint kept outside it and adds what does not match to the
+/// start's damage. Returns true when the checkpoint file must be anchored anew (after damage, or
+/// when it is missing while the ledger has checkpoints).
+async fn check_checkpoint(
+    ledger: &Ledger,
+    dir: &std::path::Path,
+    found: &mut Verification,
+) -> bool {
+    let Some(store) = ledger.store() else { return false };
+    let head = ledger.state().head.seq;
+    let newest = ledger.state().checkpoint.clone();
+    let dir = dir.to_owned();
+    let damage = tokio::task::spawn_blocking(move || match checkpoint::read_file(&dir) {
+        Ok(Some(kept)) => checkpoint::check(&kept, store.as_ref(), head),
+        Ok(None) => {
+            if let Some(newest) = newest {
+                tracing::warn!(
+                    seq = newest.seq,
+                    "{} is missing; recreated from the ledger",
+                    checkpoint::FILE
+                );
+                if let Err(error) = checkpoint::write_file(&dir, &newest) {
+                    tracing::error!(%error, "cannot write {}", checkpoint::FILE);
+                }
+            }
+            None
+        }
+        Err(problem) => Some(Damage { seq: head + 1, problem, digest: "unreadable".into() }),
+    })
+    .await
+    .unwrap_or(None);
+    let Some(damage) = damage else { return false };
+    tracing::error!(seq = damage.seq, problem = %damage.problem, "the ledger does not match its checkpoint");
+    found.damage.insert(0, damage);
+    found.damage_total += 1;
+    true
+}
+
+/// Records the governance configuration when its digest differs from the one in force.
+fn record_governance(
+    configured: Option<governance::Loaded>,
+) -> impl FnOnce(&crate::state::State) -> Decision + Send + 'static {
+    move |state| Decision {
+        drafts: governance::change(
+            state.governance.as_deref(),
+            configured.as_ref(),
+            safe_mode::SERVICE_PRINCIPAL,
+        ),
+        safe_direction: false,
+    }
+}
+
+/// Reloads the principals file and the governance configuration on every SIGHUP, atomically: a
+/// file that cannot be used is rejected and what is in force stays. Each attempt is recorded.
+async fn reload_on_sighup(
+    auth: Arc<Authenticator>,
+    governance: Option<std::path::PathBuf>,
+    ledger: Ledger,
+) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -274,6 +391,9 @@ async fn reload_on_sighup(auth: Arc<Authenticator>, ledger: Ledger) {
             return;
         };
         while hangups.recv().await.is_some() {
+            if let Some(path) = &governance {
+                reload_governance(path, &ledger).await;
+            }
             if !auth.is_on() {
                 tracing::info!("SIGHUP: no principals file to reload");
                 continue;
@@ -301,7 +421,29 @@ async fn reload_on_sighup(auth: Arc<Authenticator>, ledger: Ledger) {
         }
     }
     #[cfg(not(unix))]
-    let _ = (auth, ledger);
+    let _ = (auth, governance, ledger);
+}
+
+async fn reload_governance(path: &std::path::Path, ledger: &Ledger) {
+    let outcome = match governance::Loaded::from_file(path) {
+        Ok(loaded) => ledger.decide(record_governance(Some(loaded))).await.map(|d| d.changed),
+        Err(error) => {
+            tracing::error!(%error, "governance configuration rejected; the one in force stays");
+            let draft =
+                Draft::new("system.governance_config_rejected", safe_mode::SERVICE_PRINCIPAL)
+                    .severity(Severity::Warning)
+                    .failed()
+                    .reason(
+                        "SIGHUP: the governance configuration was rejected; the one in force stays",
+                    )
+                    .meta("error", crate::ledger::record::truncate_utf8(error.to_string(), 1000));
+            ledger.append(vec![draft]).await.map(|_| false)
+        }
+    };
+    match outcome {
+        Ok(changed) => tracing::info!(changed, "SIGHUP: governance configuration reread"),
+        Err(error) => tracing::error!(%error, "could not record the governance configuration"),
+    }
 }
 
 async fn bind(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {

@@ -3,6 +3,10 @@
 //! as it stages them and publishes the copy once they are durable.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use crate::checkpoint::Checkpoint;
+use crate::governance::InForce;
 
 use crate::ledger::record::{Mode, Record, parse_time};
 
@@ -25,6 +29,9 @@ pub mod events {
     pub const EXECUTION_FAILED: &str = "factory.execution_failed";
     pub const STEP_COMPLETED: &str = "factory.step_completed";
     pub const EXECUTION_COMPLETED: &str = "factory.execution_completed";
+    pub const GOVERNANCE_CONFIG_LOADED: &str = crate::ledger::record::GOVERNANCE_CONFIG_EVENT;
+    pub const GOVERNANCE_CONFIG_REMOVED: &str = "system.governance_config_removed";
+    pub const CHECKPOINT: &str = "system.checkpoint";
 }
 
 /// The kinds of operation safe mode blocks.
@@ -144,6 +151,10 @@ pub struct State {
     pub violations: Violations,
     /// Ids of overrides consumed (from `override.consumed`), which forced actions must name.
     pub consumed_overrides: BTreeSet<String>,
+    /// The governance configuration in force (`None` until one is recorded).
+    pub governance: Option<Arc<InForce>>,
+    /// The newest signed checkpoint.
+    pub checkpoint: Option<Checkpoint>,
 }
 
 /// What the siblings report, folded into the numbers dashboards use.
@@ -241,6 +252,11 @@ impl State {
                 self.integrity.acknowledged.extend(damage_tags(record));
             }
             events::CLOCK_REGRESSION => self.clock_regressions += 1,
+            events::GOVERNANCE_CONFIG_LOADED => {
+                self.governance = Some(Arc::new(InForce::from_record(record)));
+            }
+            events::GOVERNANCE_CONFIG_REMOVED => self.governance = None,
+            events::CHECKPOINT => self.checkpoint = Checkpoint::from_record(record),
             events::EXECUTION_BLOCKED => {
                 let kind = record.metadata.get("kind").and_then(|k| OperationKind::parse(k));
                 if let Some(kind) = kind {

@@ -14,6 +14,8 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::keys::Signer;
+use crate::checkpoint::Checkpoint;
+use crate::governance::InForce;
 use crate::ledger::record::{GENESIS_HASH, Record, format_time};
 use crate::ledger::store::Storage;
 use crate::state::{State, events};
@@ -159,8 +161,8 @@ pub fn plan(
     let included_bytes = g.included_bytes;
     let canonical =
         serde_json_canonicalizer::to_string(&assemble(g, request, as_of)).map_err(storage)?;
-    // JCS puts "events" between "current_mode" and "events_included"; no other member of a pack
-    // can contain this text unescaped, so the split is exact.
+    // JCS puts "events" between "current_mode" and "events_included". No member sorted before it
+    // can contain this text, so its first occurrence is the member.
     let (prefix, suffix) = canonical
         .split_once(EMPTY_EVENTS)
         .map(|(p, s)| (p.to_owned(), s.to_owned()))
@@ -365,8 +367,8 @@ fn assemble(g: Gathered, request: &ExportRequest, as_of: u64) -> Value {
         "scope": request.scope.as_str(),
         "time_range": { "from": format_time(request.from), "to": format_time(request.to) },
         "as_of": { "seq": as_of, "hash": g.as_of_hash },
-        // Governance configuration support is not built yet.
-        "governance_config": Value::Null,
+        "governance_config": governance_config(g.state.governance.as_deref(), investor),
+        "checkpoint": g.state.checkpoint.as_ref().map_or(Value::Null, |c| json!(c)),
         "current_mode": crate::metrics::current_mode(&g.state).as_str(),
         "safe_mode": {
             "enabled": safe_mode.enabled,
@@ -394,6 +396,19 @@ fn assemble(g: Gathered, request: &ExportRequest, as_of: u64) -> Value {
         },
         // Empty here; the events are streamed into this place (see `write`).
         "events": [],
+    })
+}
+
+/// The governance configuration in force at `as_of`: where it was recorded, its digest, its
+/// settings and (except for INVESTOR, where it would repeat an event's metadata) its text.
+fn governance_config(in_force: Option<&InForce>, investor: bool) -> Value {
+    let Some(g) = in_force else { return Value::Null };
+    json!({
+        "seq": g.seq,
+        "loaded_at": g.time,
+        "sha256": g.sha256,
+        "settings": g.config.as_ref().map_or(Value::Null, |c| json!(c)),
+        "toml": if investor { Value::Null } else { Value::String(g.text.clone()) },
     })
 }
 
@@ -448,7 +463,12 @@ pub fn verify(
         v.hash_valid = false;
     }
     v.signature_valid = check_signature(&document, claimed, keys, &mut v.problems);
-    v.chain_valid = check_chain(pack, &mut v.problems);
+    let (chain_valid, hashes) = check_chain(pack, &mut v.problems);
+    let consistent = check_governance(pack, &mut v.problems);
+    let (checkpoint_signed, checkpoint_consistent) =
+        check_checkpoint(pack, &hashes, keys, &mut v.problems);
+    v.chain_valid = chain_valid && consistent && checkpoint_consistent;
+    v.signature_valid &= checkpoint_signed;
     v.matches_log = match log {
         Some(store) => check_log(pack, store, &mut v.problems),
         None => {
@@ -488,8 +508,10 @@ fn check_signature(
     ok
 }
 
-fn check_chain(pack: &Value, problems: &mut Vec<String>) -> bool {
+/// Checks the events and anchors; returns whether they hold and the hash of each included event.
+fn check_chain(pack: &Value, problems: &mut Vec<String>) -> (bool, BTreeMap<u64, String>) {
     let before = problems.len();
+    let mut hashes = BTreeMap::new();
     let chain = &pack["chain"];
     let events = pack["events"].as_array().cloned().unwrap_or_default();
     if pack["events_included"].as_u64() != Some(events.len() as u64) {
@@ -509,6 +531,7 @@ fn check_chain(pack: &Value, problems: &mut Vec<String>) -> bool {
                     problems
                         .push(format!("event seq {} does not link to the one before", record.seq));
                 }
+                hashes.insert(record.seq, record.hash.clone());
                 prev = record.hash;
             }
         }
@@ -519,7 +542,58 @@ fn check_chain(pack: &Value, problems: &mut Vec<String>) -> bool {
     if covers_range && chain["last_hash"].as_str() != Some(prev.as_str()) {
         problems.push("chain.last_hash does not match the last event".into());
     }
-    problems.len() == before
+    (problems.len() == before, hashes)
+}
+
+/// The governance config's text, when the pack carries it, must have the stated digest.
+fn check_governance(pack: &Value, problems: &mut Vec<String>) -> bool {
+    let config = &pack["governance_config"];
+    let Some(text) = config["toml"].as_str() else { return true };
+    let digest = hex::encode(Sha256::digest(text.as_bytes()));
+    if config["sha256"].as_str() == Some(digest.as_str()) {
+        return true;
+    }
+    problems.push(format!("governance_config.toml has SHA-256 {digest}, not its stated sha256"));
+    false
+}
+
+/// The checkpoint, when the pack carries one: (signed by a known key, consistent with `as_of` and
+/// the included events).
+fn check_checkpoint(
+    pack: &Value,
+    hashes: &BTreeMap<u64, String>,
+    keys: &BTreeMap<String, [u8; 32]>,
+    problems: &mut Vec<String>,
+) -> (bool, bool) {
+    if pack["checkpoint"].is_null() {
+        return (true, true);
+    }
+    let Ok(c) = serde_json::from_value::<Checkpoint>(pack["checkpoint"].clone()) else {
+        problems.push("checkpoint is not a checkpoint object".into());
+        return (false, false);
+    };
+    let signed = keys.get(&c.key_id).is_some_and(|key| c.signature_verifies(key));
+    if !signed {
+        problems.push(format!(
+            "the checkpoint of seq {} is not signed by a known key ({})",
+            c.head_seq, c.key_id
+        ));
+    }
+    let before = problems.len();
+    if c.head_seq.checked_add(1) != Some(c.seq) {
+        problems.push("checkpoint.head_seq is not the seq just before the checkpoint".into());
+    }
+    if pack["as_of"]["seq"].as_u64().is_none_or(|as_of| c.seq > as_of) {
+        problems.push("the checkpoint is newer than as_of".into());
+    }
+    for (what, seq, hash) in
+        [("checkpoint", c.seq, &c.hash), ("checkpoint head", c.head_seq, &c.head_hash)]
+    {
+        if hashes.get(&seq).is_some_and(|h| h != hash) {
+            problems.push(format!("{what} hash differs from event seq {seq} in the pack"));
+        }
+    }
+    (signed, problems.len() == before)
 }
 
 fn check_log(pack: &Value, store: &dyn Storage, problems: &mut Vec<String>) -> bool {
@@ -543,6 +617,7 @@ fn check_log(pack: &Value, store: &dyn Storage, problems: &mut Vec<String>) -> b
         }
     };
     anchor("as_of", pack["as_of"]["seq"].as_u64(), pack["as_of"]["hash"].as_str());
+    anchor("checkpoint", pack["checkpoint"]["seq"].as_u64(), pack["checkpoint"]["hash"].as_str());
     let first = pack["chain"]["first_seq"].as_u64();
     anchor(
         "chain.prev_hash",

@@ -29,12 +29,36 @@ impl EvidenceApi {
         EvidenceApi { ledger, signer }
     }
 
+    /// The current key and the retired keys listed in the governance configuration in force.
+    fn public_keys(&self) -> Vec<pb::PublicKey> {
+        let current = pb::PublicKey {
+            key_id: self.signer.key_id().to_owned(),
+            algorithm: "ed25519".into(),
+            public_key: self.signer.public_key_base64(),
+            retired: false,
+        };
+        let state = self.ledger.state();
+        let retired =
+            state.governance.iter().flat_map(|g| g.retired_keys()).map(|k| pb::PublicKey {
+                key_id: k.key_id.clone(),
+                algorithm: "ed25519".into(),
+                public_key: k.public_key.clone(),
+                retired: true,
+            });
+        std::iter::once(current)
+            .chain(retired.filter(|k| k.key_id != self.signer.key_id()))
+            .collect()
+    }
+
+    /// The public keys by id, for verification.
     fn keys(&self) -> BTreeMap<String, [u8; 32]> {
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(self.signer.public_key_base64())
-            .ok()
-            .and_then(|k| <[u8; 32]>::try_from(k).ok());
-        raw.map(|k| (self.signer.key_id().to_owned(), k)).into_iter().collect()
+        self.public_keys()
+            .into_iter()
+            .filter_map(|k| {
+                let raw = base64::engine::general_purpose::STANDARD.decode(&k.public_key).ok()?;
+                Some((k.key_id, <[u8; 32]>::try_from(raw).ok()?))
+            })
+            .collect()
     }
 
     /// The first pass of an export, off the async runtime.
@@ -228,12 +252,6 @@ impl pb::evidence_service_server::EvidenceService for EvidenceApi {
         &self,
         _request: Request<pb::GetPublicKeysRequest>,
     ) -> Result<Response<pb::GetPublicKeysResponse>, Status> {
-        let current = pb::PublicKey {
-            key_id: self.signer.key_id().to_owned(),
-            algorithm: "ed25519".into(),
-            public_key: self.signer.public_key_base64(),
-            retired: false,
-        };
-        Ok(Response::new(pb::GetPublicKeysResponse { keys: vec![current] }))
+        Ok(Response::new(pb::GetPublicKeysResponse { keys: self.public_keys() }))
     }
 }

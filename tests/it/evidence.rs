@@ -270,6 +270,26 @@ async fn tampering_with_a_pack_is_caught() {
     swapped["pack"]["events"].as_array_mut().expect("events").swap(1, 2);
     assert!(!verify(&app, swapped.to_string()).await.chain_valid);
 
+    // An event removed from the middle, with the count adjusted to match.
+    let mut removed: Value = serde_json::from_str(&pack).expect("JSON");
+    removed["pack"]["events"].as_array_mut().expect("events").remove(2);
+    removed["pack"]["events_included"] = Value::from(4);
+    let verdict = verify(&app, removed.to_string()).await;
+    assert!(!verdict.chain_valid && !verdict.hash_valid, "{verdict:?}");
+    assert!(verdict.problems.iter().any(|p| p.contains("seq 4")), "{verdict:?}");
+
+    // Signed by another key: under its own key_id (unknown here), and under ours.
+    let other = brain_ops::evidence::keys::Signer::generate().expect("random");
+    let mut foreign: Value = serde_json::from_str(&pack).expect("JSON");
+    let content_hash = foreign["content_hash"].as_str().expect("hash").to_owned();
+    foreign["signature"]["value"] = other.sign_base64(content_hash.as_bytes()).into();
+    let verdict = verify(&app, foreign.to_string()).await;
+    assert!(verdict.hash_valid && !verdict.signature_valid, "{verdict:?}");
+    foreign["signature"]["key_id"] = other.key_id().into();
+    let verdict = verify(&app, foreign.to_string()).await;
+    assert!(verdict.hash_valid && !verdict.signature_valid, "{verdict:?}");
+    assert!(verdict.problems.iter().any(|p| p.contains("not a known key")), "{verdict:?}");
+
     let mut recount: Value = serde_json::from_str(&pack).expect("JSON");
     recount["pack"]["bundle_summary"]["quarantined"] = Value::from(0);
     assert!(!verify(&app, recount.to_string()).await.hash_valid);

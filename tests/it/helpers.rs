@@ -128,7 +128,15 @@ impl TestApp {
     }
 
     /// Every stored record, following pages.
+    /// Every event except the service's own checkpoints (one is appended at every shutdown).
     pub async fn list_all(&self) -> Vec<pb::LedgerEvent> {
+        let mut events = self.list_everything().await;
+        events.retain(|e| e.event_type != "system.checkpoint");
+        events
+    }
+
+    /// Every event.
+    pub async fn list_everything(&self) -> Vec<pb::LedgerEvent> {
         list_all(&mut self.audit(), pb::AuditServiceListRequest::default()).await
     }
 }

@@ -11,7 +11,8 @@ use tempfile::TempDir;
 
 use crate::helpers::{record_of, spawn_app_in};
 
-/// Five events, seqs 1..=5, reasons "event 1".."event 5"; the service is stopped afterwards.
+/// Five events, seqs 1..=5, reasons "event 1".."event 5"; the service is stopped afterwards,
+/// which appends a checkpoint (seq 6).
 async fn populated_ledger() -> TempDir {
     let dir = TempDir::new().expect("temp dir");
     let app = spawn_app_in(dir.path(), |_| {}).await;
@@ -96,11 +97,12 @@ async fn a_truncated_record_starts_the_service_frozen_naming_its_seq() {
 #[tokio::test]
 async fn known_damage_is_reported_once_and_keeps_the_service_frozen_across_restarts() {
     let dir = populated_ledger().await;
-    tamper(dir.path(), 5, |mut bytes| {
+    // The head itself (the shutdown checkpoint) is damaged.
+    tamper(dir.path(), 6, |mut bytes| {
         bytes.truncate(10);
         bytes
     });
-    assert_frozen_by_integrity_at(dir.path(), 5).await;
+    assert_frozen_by_integrity_at(dir.path(), 6).await;
     let app = spawn_app_in(dir.path(), |_| {}).await;
     assert!(app.status().await.enabled, "still frozen after a restart");
     let violations = app
@@ -110,11 +112,11 @@ async fn known_damage_is_reported_once_and_keeps_the_service_frozen_across_resta
         .filter(|e| e.event_type == "system.integrity_violation")
         .count();
     assert_eq!(violations, 1, "the same damage is not reported at every restart");
-    // Appends after the damaged head still chain: everything after seq 5 verifies.
+    // Appends after the damaged head still chain: everything after seq 6 verifies.
     let appended = app.record("test.after_damage", "later").await;
     let report = app
         .audit()
-        .verify_chain(pb::VerifyChainRequest { from_seq: 6, to_seq: appended.seq })
+        .verify_chain(pb::VerifyChainRequest { from_seq: 7, to_seq: appended.seq })
         .await
         .expect("verifies")
         .into_inner();

@@ -3,9 +3,12 @@
 
 mod auth;
 mod canonical;
+mod checkpoint;
 mod cli;
 mod config;
 mod evidence;
+mod export_memory;
+mod governance;
 mod helpers;
 mod integrity;
 mod ledger;
