@@ -178,6 +178,6 @@ pub fn check(checkpoint: &Checkpoint, store: &dyn Storage, head_seq: u64) -> Opt
             "seq {} has hash {}, not the checkpointed {} in {FILE}: the ledger was replaced",
             checkpoint.seq, record.hash, checkpoint.hash
         ),
-        digest: format!("cp-{}", &checkpoint.hash[..checkpoint.hash.len().min(16)]),
+        digest: format!("cp-{}", checkpoint.hash.chars().take(16).collect::<String>()),
     })
 }

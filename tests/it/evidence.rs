@@ -438,8 +438,27 @@ async fn every_exported_pack_matches_the_published_json_schema() {
     let schema: Value = serde_json::from_str(include_str!("../../docs/evidence-pack.schema.json"))
         .expect("schema parses");
     let validator = jsonschema::validator_for(&schema).expect("a valid schema");
-    let app = spawn_app().await;
+    // With a governance config (listing a retired key) and a checkpoint, so that every member
+    // of the schema is exercised.
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let retired = brain_ops::evidence::keys::Signer::generate().expect("random");
+    let config = dir.path().join("governance.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[[signing.retired_keys]]\nkey_id = \"{}\"\npublic_key = \"{}\"\n",
+            include_str!("../../deploy/governance.toml"),
+            retired.key_id(),
+            retired.public_key_base64()
+        ),
+    )
+    .expect("writes");
+    let data = dir.path().join("data");
+    let configure = |c: &mut brain_ops::config::Config| c.governance_config = Some(config.clone());
+    let app = spawn_app_in(&data, configure).await;
     history(&app).await;
+    app.stop().await;
+    let app = spawn_app_in(&data, configure).await;
     for scope in
         [pb::EvidenceScope::Audit, pb::EvidenceScope::Investor, pb::EvidenceScope::Internal]
     {
@@ -447,6 +466,8 @@ async fn every_exported_pack_matches_the_published_json_schema() {
         request.exclude_executor_summary = scope == pb::EvidenceScope::Investor;
         let pack: Value =
             serde_json::from_str(&export(&app, request).await.pack_json).expect("JSON");
+        assert!(pack["pack"]["governance_config"]["settings"].is_object());
+        assert!(pack["pack"]["checkpoint"]["signature"].is_string());
         if let Err(error) = validator.validate(&pack) {
             panic!("{scope:?} pack does not match the schema: {error}");
         }
