@@ -169,7 +169,10 @@ impl Ledger {
             .send(writer::Command::Append { drafts, reply })
             .await
             .map_err(|_| AppendError::Closed)?;
-        answer.await.map_err(|_| AppendError::Closed)?
+        match answer.await {
+            Ok(answered) => answered,
+            Err(_) => Err(self.gone().await),
+        }
     }
 
     /// Decides against the pending state and appends what the decision asks for; see
@@ -186,7 +189,30 @@ impl Ledger {
             .send(writer::Command::Decide { decide, reply })
             .await
             .map_err(|_| AppendError::Closed)?;
-        answer.await.map_err(|_| AppendError::Closed)?
+        match answer.await {
+            Ok(answered) => answered,
+            Err(_) => Err(self.gone().await),
+        }
+    }
+
+    /// Why a call was dropped unanswered. The writer stopped; once its thread has ended, what it
+    /// did on the way out (a freeze, after a panic) is published, so no caller is told "failed"
+    /// and then sees the state from before.
+    async fn gone(&self) -> AppendError {
+        for _ in 0..400 {
+            let ended = {
+                let thread = self.inner.thread.lock().unwrap_or_else(|e| e.into_inner());
+                thread.as_ref().is_none_or(std::thread::JoinHandle::is_finished)
+            };
+            if ended {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        match self.health().fault {
+            Some(fault) => AppendError::Unavailable(fault),
+            None => AppendError::Closed,
+        }
     }
 
     /// The state in effect: durable, plus a freeze that took effect while storage failed.

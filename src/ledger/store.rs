@@ -68,6 +68,7 @@ pub trait Storage: Send + Sync + 'static {
 pub struct Faults {
     failing_appends: AtomicU32,
     failing_fsyncs: AtomicU32,
+    panicking_appends: AtomicU32,
     fsync_delay_millis: AtomicU64,
 }
 
@@ -86,6 +87,11 @@ impl Faults {
     /// Makes the next `n` appends fail before anything is written.
     pub fn fail_next_appends(&self, n: u32) {
         self.failing_appends.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` appends panic (a bug in the writer).
+    pub fn panic_next_appends(&self, n: u32) {
+        self.panicking_appends.store(n, Ordering::SeqCst);
     }
 
     fn take_fsync_failure(&self) -> bool {
@@ -257,6 +263,9 @@ impl Storage for SledStore {
     }
 
     fn append(&self, records: &[(u64, &[u8])]) -> Result<(), StorageError> {
+        if take(&self.faults.panicking_appends) {
+            panic!("injected panic in the ledger writer");
+        }
         if self.faults.take_append_failure() {
             return Err(StorageError::Io(std::io::Error::other("injected append failure")));
         }

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::clock::Clock;
 use super::idempotency::{IdempotencyIndex, Lookup, draft_digest};
 use super::record::{Draft, Record, Sealed, Severity, format_time};
-use super::store::Storage;
+use super::store::{Storage, StorageError};
 use super::{AppendError, AppendObserver, Appended, FailClosed, StorageHealth};
 use crate::state::{SafeMode, State, events};
 
@@ -139,13 +139,19 @@ pub(super) fn spawn(
     }
     let thread = std::thread::Builder::new()
         .name("ledger-writer".into())
-        .spawn(move || writer.run(queue))
+        .spawn(move || {
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(queue)));
+            if let Err(panic) = outcome {
+                writer.died(&panic_message(panic.as_ref()));
+            }
+        })
         .expect("the OS can start the ledger writer thread");
     Spawned { commands, state: state_rx, health: health_rx, thread }
 }
 
 impl Writer {
-    fn run(mut self, mut queue: mpsc::Receiver<Command>) {
+    fn run(&mut self, mut queue: mpsc::Receiver<Command>) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -319,7 +325,16 @@ impl Writer {
         let records: Vec<(u64, &[u8])> =
             staged.iter().map(|s| (s.record.seq, s.bytes.as_slice())).collect();
         let started = std::time::Instant::now();
-        let appended = store.append(&records);
+        // A panic inside the storage engine is a storage fault like any other: the batch fails
+        // and the fail-closed path runs before anyone is answered.
+        let appended =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.append(&records)))
+                .unwrap_or_else(|panic| {
+                    Err(StorageError::Io(std::io::Error::other(format!(
+                        "the storage engine panicked: {}",
+                        panic_message(panic.as_ref())
+                    ))))
+                });
         if let Some(observer) = &self.observer {
             observer(started.elapsed(), appended.is_ok());
         }
@@ -528,8 +543,25 @@ impl Writer {
         }
     }
 
+    /// The writer panicked: nothing more can be appended (queued and later calls fail), so the
+    /// state in effect freezes, as for a storage fault that cannot be recovered.
+    fn died(&mut self, why: &str) {
+        let fault = format!("the ledger writer stopped: {why}");
+        tracing::error!(%fault, "ledger writer died; safe mode takes effect in memory");
+        self.set_fault(Some(fault.clone()));
+        self.close_on_fault(&fault);
+    }
+
     fn set_fault(&mut self, fault: Option<String>) {
         self.fault.clone_from(&fault);
         self.health_tx.send_replace(StorageHealth { fault });
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }

@@ -354,3 +354,71 @@ async fn a_store_that_cannot_be_opened_serves_frozen_and_refuses_appends() {
     let listed = app.audit().list(pb::AuditServiceListRequest::default()).await;
     assert_eq!(listed.expect_err("no store to read").code(), Code::Unavailable);
 }
+
+#[tokio::test]
+async fn a_panic_in_the_storage_engine_is_a_storage_fault_and_the_writer_goes_on() {
+    let app = spawn_app().await;
+    let before = app.record("test.before", "the writer is alive").await;
+    app.faults.panic_next_appends(1);
+    let failed = app
+        .audit()
+        .record(pb::RecordRequest {
+            event: Some(event("test.lost", "the storage panics on this one")),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect_err("nothing is acknowledged");
+    assert_eq!(failed.code(), Code::Unavailable);
+    assert!(failed.message().contains("panicked"), "{}", failed.message());
+    // Handled like a failed append: the store is reopened and the chain goes on.
+    let next = app.record("test.after", "the writer survived").await;
+    assert_eq!(next.seq, before.seq + 1, "the failed batch left no seq behind");
+    assert!(app.ledger.writer_alive());
+    let reasons: Vec<String> = app
+        .list_all()
+        .await
+        .iter()
+        .map(|e| record_of(e)["reason"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(reasons, ["the writer is alive", "the writer survived"]);
+}
+
+async fn check_execution(app: &crate::helpers::TestApp) -> pb::CheckOperationResponse {
+    app.safe_mode()
+        .check_operation(pb::CheckOperationRequest {
+            kind: pb::OperationKind::Execution.into(),
+            operation: "deploy-7".into(),
+        })
+        .await
+        .expect("CheckOperation still answers")
+        .into_inner()
+}
+
+#[tokio::test]
+async fn a_writer_that_dies_freezes_the_service_instead_of_letting_work_through() {
+    let app = spawn_app().await;
+    app.record("test.before", "the writer is alive").await;
+    // A bug in a decision kills the writer thread itself.
+    let died = app
+        .ledger
+        .decide(|_| -> brain_ops::ledger::Decision { panic!("injected bug in a decision") })
+        .await
+        .expect_err("the writer is gone");
+    assert!(died.to_string().contains("ledger writer stopped"), "{died}");
+    let status = app.status().await;
+    assert!(status.enabled, "the kill switch fails closed");
+    assert_eq!(status.source(), pb::SafeModeSource::Storage);
+    assert!(!check_execution(&app).await.allowed);
+    let (code, body) = crate::helpers::http_get(app.metrics_addr, "/metrics/health").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("ledger writer stopped"), "{body}");
+    let later = app
+        .audit()
+        .record(pb::RecordRequest {
+            event: Some(event("test.later", "after the death")),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(later.code(), Code::Unavailable);
+}

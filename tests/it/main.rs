@@ -6,6 +6,7 @@ mod canonical;
 mod checkpoint;
 mod cli;
 mod config;
+mod crash;
 mod evidence;
 mod export_memory;
 mod governance;
