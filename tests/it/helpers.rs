@@ -172,6 +172,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_brain-ops");
 pub struct ServeProcess {
     pub child: std::process::Child,
     pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     /// Kept so that the log reader keeps draining the child's stderr.
     _logs: std::sync::mpsc::Receiver<String>,
 }
@@ -206,8 +207,9 @@ pub fn serve_process(data_dir: &Path, env: &[(&str, &str)]) -> ServeProcess {
         }
     });
     // From here on, Drop kills and reaps the child whatever happens.
+    let unbound = SocketAddr::from(([0, 0, 0, 0], 0));
     let mut process =
-        ServeProcess { child, grpc_addr: SocketAddr::from(([0, 0, 0, 0], 0)), _logs: logs };
+        ServeProcess { child, grpc_addr: unbound, metrics_addr: unbound, _logs: logs };
     loop {
         let line = process
             ._logs
@@ -217,8 +219,11 @@ pub fn serve_process(data_dir: &Path, env: &[(&str, &str)]) -> ServeProcess {
             continue;
         };
         if entry["message"] == "brain-ops serving" {
-            process.grpc_addr =
-                entry["grpc"].as_str().expect("address").parse().expect("socket address");
+            let addr = |key: &str| -> SocketAddr {
+                entry[key].as_str().expect("address").parse().expect("socket address")
+            };
+            process.grpc_addr = addr("grpc");
+            process.metrics_addr = addr("metrics");
             return process;
         }
     }

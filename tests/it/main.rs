@@ -17,3 +17,4 @@ mod list;
 mod metrics;
 mod safe_mode;
 mod server;
+mod storage_faults;
