@@ -47,9 +47,9 @@ struct Keyed {
 
 /// Everything the clients were told, across all cycles.
 #[derive(Default)]
-struct Acks {
+pub(crate) struct Acks {
     /// seq → hash of every acknowledged event.
-    events: BTreeMap<u64, String>,
+    pub(crate) events: BTreeMap<u64, String>,
     keyed: Vec<Keyed>,
     /// Revision of the newest acknowledged safe-mode change.
     safe_mode_revision: u64,
@@ -78,7 +78,12 @@ fn event(rng: &mut Rng, client: usize, n: usize) -> pb::Event {
 }
 
 /// Drives load until the server goes away; returns what was acknowledged.
-async fn batch_client(channel: Channel, seed: u64, client: usize, acks: Arc<Mutex<Acks>>) {
+pub(crate) async fn batch_client(
+    channel: Channel,
+    seed: u64,
+    client: usize,
+    acks: Arc<Mutex<Acks>>,
+) {
     let mut rng = Rng(seed);
     let mut audit = AuditServiceClient::new(channel);
     for n in 0.. {

@@ -17,4 +17,5 @@ mod list;
 mod metrics;
 mod safe_mode;
 mod server;
+mod shutdown_load;
 mod storage_faults;
