@@ -154,7 +154,12 @@ impl Principals {
     pub fn load(path: &Path) -> Result<Principals, PrincipalsError> {
         let bytes = std::fs::read(path)
             .map_err(|source| PrincipalsError::Read { path: path.to_owned(), source })?;
-        let text = String::from_utf8(bytes.clone()).map_err(|_| PrincipalsError::Parse {
+        Principals::parse(path, bytes)
+    }
+
+    /// Validates the bytes of a principals file read from `path`.
+    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Principals, PrincipalsError> {
+        let text = String::from_utf8(bytes).map_err(|_| PrincipalsError::Parse {
             path: path.to_owned(),
             message: "it is not UTF-8".into(),
         })?;

@@ -64,9 +64,9 @@ pub struct ServeArgs {
     /// Seconds between signed checkpoints while events arrive (one is also taken at shutdown).
     #[arg(long, env = "BRAIN_CHECKPOINT_INTERVAL_SECONDS", default_value = "600")]
     pub checkpoint_interval_seconds: String,
-    /// Hours an idempotency key is remembered.
-    #[arg(long, env = "BRAIN_IDEMPOTENCY_RETENTION_HOURS", default_value = "24")]
-    pub idempotency_retention_hours: String,
+    /// Seconds an idempotency key is remembered.
+    #[arg(long, env = "BRAIN_IDEMPOTENCY_RETENTION_SECONDS", default_value = "86400")]
+    pub idempotency_retention_seconds: String,
 }
 
 /// How logs are written.
@@ -166,10 +166,10 @@ impl TryFrom<ServeArgs> for Config {
             1..=3600,
         )?);
         let cache_mb = parse_whole("--cache-mb / BRAIN_CACHE_MB", &args.cache_mb, 8..=65536)?;
-        let retention_hours = parse_whole(
-            "--idempotency-retention-hours / BRAIN_IDEMPOTENCY_RETENTION_HOURS",
-            &args.idempotency_retention_hours,
-            1..=24 * 366,
+        let retention_seconds = parse_whole(
+            "--idempotency-retention-seconds / BRAIN_IDEMPOTENCY_RETENTION_SECONDS",
+            &args.idempotency_retention_seconds,
+            10..=366 * 86400,
         )?;
         let watch_heartbeat = Duration::from_secs(parse_whole(
             "--watch-heartbeat-seconds / BRAIN_WATCH_HEARTBEAT_SECONDS",
@@ -232,7 +232,7 @@ impl TryFrom<ServeArgs> for Config {
             log_format,
             drain_timeout,
             sled: SledOptions { cache_capacity: cache_mb * 1024 * 1024 },
-            idempotency_retention: Duration::from_secs(retention_hours * 3600),
+            idempotency_retention: Duration::from_secs(retention_seconds),
             watch_heartbeat,
             faults: Arc::default(),
             clock: Arc::new(SystemClock),

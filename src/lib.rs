@@ -9,6 +9,8 @@ pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod evidence;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod governance;
 pub mod grpc;
 pub mod http;

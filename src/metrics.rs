@@ -308,6 +308,14 @@ impl Metrics {
                 .build();
         }
         {
+            let ledger = ledger.clone();
+            self.meter
+                .u64_observable_gauge("brain_idempotency_keys")
+                .with_description("Idempotency keys remembered (bounded by the retention window)")
+                .with_callback(move |o| o.observe(ledger.idempotency_keys(), &[]))
+                .build();
+        }
+        {
             let streams = self.watch_streams.clone();
             self.meter
                 .i64_observable_gauge("brain_watch_streams")

@@ -112,6 +112,7 @@ struct Inner {
     health: watch::Receiver<StorageHealth>,
     store: Option<Arc<dyn Storage>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    keys: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for dyn Storage {
@@ -156,6 +157,7 @@ impl Ledger {
                 health: spawned.health,
                 store,
                 thread: Mutex::new(Some(spawned.thread)),
+                keys: spawned.keys,
             }),
         };
         (ledger, StartReport { storage_error, verification })
@@ -223,6 +225,11 @@ impl Ledger {
     /// A receiver that sees every published state.
     pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
         self.inner.state.clone()
+    }
+
+    /// Idempotency keys remembered (bounded by the retention window).
+    pub fn idempotency_keys(&self) -> u64 {
+        self.inner.keys.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Storage health as of now.

@@ -17,6 +17,7 @@
 //! recovery fails, the fail-closed policy given at open decides what takes effect (a freeze).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -93,6 +94,7 @@ struct Writer {
     /// True while the clock is behind the head's time and the regression has been recorded.
     regressing: bool,
     fault: Option<String>,
+    keys: Arc<AtomicU64>,
     state_tx: watch::Sender<Arc<State>>,
     health_tx: watch::Sender<StorageHealth>,
 }
@@ -102,6 +104,8 @@ pub(super) struct Spawned {
     pub state: watch::Receiver<Arc<State>>,
     pub health: watch::Receiver<StorageHealth>,
     pub thread: std::thread::JoinHandle<()>,
+    /// Idempotency keys remembered, refreshed after every batch.
+    pub keys: Arc<AtomicU64>,
 }
 
 /// Starts the writer thread over `store` (`None`: nothing can be appended, for the reason in
@@ -119,6 +123,7 @@ pub(super) fn spawn(
     let committed = Arc::new(state);
     let (state_tx, state_rx) = watch::channel(committed.clone());
     let (health_tx, health_rx) = watch::channel(StorageHealth { fault: fault.clone() });
+    let index_len = index.len() as u64;
     let mut writer = Writer {
         pending: (*committed).clone(),
         committed,
@@ -131,12 +136,14 @@ pub(super) fn spawn(
         observer,
         regressing: false,
         fault,
+        keys: Arc::new(AtomicU64::new(index_len)),
         state_tx,
         health_tx,
     };
     if let Some(fault) = writer.fault.clone() {
         writer.close_on_fault(&fault);
     }
+    let keys = writer.keys.clone();
     let thread = std::thread::Builder::new()
         .name("ledger-writer".into())
         .spawn(move || {
@@ -147,7 +154,7 @@ pub(super) fn spawn(
             }
         })
         .expect("the OS can start the ledger writer thread");
-    Spawned { commands, state: state_rx, health: health_rx, thread }
+    Spawned { commands, state: state_rx, health: health_rx, thread, keys }
 }
 
 impl Writer {
@@ -169,7 +176,9 @@ impl Writer {
                                 Err(_) => break,
                             }
                         }
-                        if self.process(batch).is_break() {
+                        let flow = self.process(batch);
+                        self.keys.store(self.index.len() as u64, Ordering::Relaxed);
+                        if flow.is_break() {
                             break;
                         }
                     }

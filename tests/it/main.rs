@@ -9,6 +9,7 @@ mod config;
 mod crash;
 mod evidence;
 mod export_memory;
+mod fuzz_corpus;
 mod governance;
 mod helpers;
 mod integrity;
