@@ -246,7 +246,8 @@ async fn main() {
     }
 
     // Scrapes and RSS, once a second.
-    let warm_up = Duration::from_secs((args.seconds / 10).clamp(1, 60));
+    // RSS is compared from the end of the warm-up, once sled's cache has filled.
+    let warm_up = Duration::from_secs((args.seconds / 4).clamp(5, 300));
     let began = Instant::now();
     let (mut rss_after_warm_up, mut rss_max, mut keys_max) = (None, 0.0f64, 0.0f64);
     let mut rss_series = Vec::new();
