@@ -11,11 +11,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
-use crate::evidence::keys::Signer;
+use crate::evidence::keys::{self, Signer};
 use crate::ledger::record::{Draft, Record};
 use crate::ledger::store::Storage;
 use crate::ledger::verify::Damage;
@@ -58,14 +56,8 @@ impl Checkpoint {
 
     /// Checks the signature against a raw Ed25519 public key (strict).
     pub fn signature_verifies(&self, public_key: &[u8; 32]) -> bool {
-        let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(public_key) else { return false };
-        let signature = BASE64.decode(&self.signature).ok();
-        let Some(signature) = signature.and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())
-        else {
-            return false;
-        };
         let message = message(self.head_seq, &self.head_hash, &self.key_id);
-        key.verify_strict(message.as_bytes(), &signature).is_ok()
+        keys::verifies(public_key, message.as_bytes(), &self.signature)
     }
 }
 

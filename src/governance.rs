@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::evidence::keys::key_id_of;
-use crate::ledger::record::{Draft, Record, Severity, parse_time};
+use crate::ledger::record::{Draft, Record, Severity};
 use crate::state::events;
 
 /// Largest governance config file.
@@ -210,7 +210,6 @@ impl GovernanceConfig {
                 ));
             }
             if let Some(at) = &key.retired_at
-                && parse_time(at).is_none()
                 && chrono::DateTime::parse_from_rfc3339(at).is_err()
             {
                 return Err(format!("{field}.retired_at {at:?} is not an RFC 3339 time"));

@@ -52,6 +52,15 @@ pub enum KeyOrigin {
     Ephemeral,
 }
 
+/// Strict Ed25519 verification of a base64 signature over `message` with a raw public key.
+pub fn verifies(public_key: &[u8; 32], message: &[u8], signature_base64: &str) -> bool {
+    let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(public_key) else { return false };
+    let signature = BASE64.decode(signature_base64).ok();
+    signature
+        .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())
+        .is_some_and(|s| key.verify_strict(message, &s).is_ok())
+}
+
 /// `key_id` of a raw public key.
 pub fn key_id_of(public_key: &[u8; 32]) -> String {
     hex::encode(&Sha256::digest(public_key)[..8])

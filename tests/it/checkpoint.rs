@@ -12,7 +12,7 @@ use brain_ops::pb;
 use brain_ops::pb::evidence_service_client::EvidenceServiceClient;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, http_get, record_of, spawn_app_in};
+use crate::helpers::{TestApp, http_get, public_keys, record_of, spawn_app_in};
 
 async fn checkpoints(app: &TestApp) -> Vec<Value> {
     app.list_everything()
@@ -24,12 +24,7 @@ async fn checkpoints(app: &TestApp) -> Vec<Value> {
 }
 
 async fn public_key(app: &TestApp) -> [u8; 32] {
-    let keys = EvidenceServiceClient::new(app.channel.clone())
-        .get_public_keys(pb::GetPublicKeysRequest {})
-        .await
-        .expect("keys")
-        .into_inner()
-        .keys;
+    let keys = public_keys(app.channel.clone()).await;
     let raw = base64::engine::general_purpose::STANDARD.decode(&keys[0].public_key).expect("b64");
     raw.try_into().expect("32 bytes")
 }

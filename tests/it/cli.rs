@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use brain_ops::ledger::store::{SledOptions, SledStore, Storage};
-use brain_ops::pb;
 
 use crate::helpers::{BIN, spawn_app, spawn_app_in};
 
@@ -283,13 +282,7 @@ async fn evidence_export_and_verify_work_offline_and_through_the_server() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("ep-"), "{stdout}");
 
-    let key = pb::evidence_service_client::EvidenceServiceClient::new(app.channel.clone())
-        .get_public_keys(pb::GetPublicKeysRequest {})
-        .await
-        .expect("keys")
-        .into_inner()
-        .keys
-        .remove(0);
+    let key = crate::helpers::public_keys(app.channel.clone()).await.remove(0);
     let key_file = dir.path().join("service.key");
     std::fs::write(&key_file, &key.public_key).expect("writes");
     let key_arg = key_file.to_str().expect("utf8");

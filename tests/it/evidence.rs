@@ -5,16 +5,7 @@ use brain_ops::pb;
 use brain_ops::pb::evidence_service_client::EvidenceServiceClient;
 use sha2::{Digest, Sha256};
 
-use crate::helpers::{BIN, serve_process, spawn_app, spawn_app_in};
-
-async fn public_keys(channel: tonic::transport::Channel) -> Vec<pb::PublicKey> {
-    EvidenceServiceClient::new(channel)
-        .get_public_keys(pb::GetPublicKeysRequest {})
-        .await
-        .expect("keys")
-        .into_inner()
-        .keys
-}
+use crate::helpers::{BIN, public_keys, serve_once, serve_process, spawn_app, spawn_app_in};
 
 fn key_id_of(public_key_base64: &str) -> String {
     let raw = base64::engine::general_purpose::STANDARD.decode(public_key_base64).expect("base64");
@@ -91,15 +82,8 @@ fn an_unusable_key_file_exits_64_naming_the_setting() {
         "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n",
     )
     .expect("writes");
-    let output = std::process::Command::new(BIN)
-        .arg("serve")
-        .env_clear()
-        .env("BRAIN_DATA_DIR", dir.path().join("data"))
-        .env("BRAIN_GRPC_ADDR", "127.0.0.1:0")
-        .env("BRAIN_METRICS_ADDR", "127.0.0.1:0")
-        .env("BRAIN_SIGNING_KEY_FILE", &key_file)
-        .output()
-        .expect("runs");
+    let output =
+        serve_once(&dir.path().join("data"), &[("BRAIN_SIGNING_KEY_FILE", key_file.as_path())]);
     assert_eq!(output.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&output.stderr).contains("BRAIN_SIGNING_KEY_FILE"));
 }

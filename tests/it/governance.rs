@@ -9,7 +9,7 @@ use brain_ops::pb::evidence_service_client::EvidenceServiceClient;
 use serde_json::Value;
 use tonic::transport::Channel;
 
-use crate::helpers::{BIN, list_all, record_of, serve_process, spawn_app_in};
+use crate::helpers::{list_all, public_keys, record_of, serve_once, serve_process, spawn_app_in};
 
 const EXAMPLE: &str = include_str!("../../deploy/governance.toml");
 
@@ -135,13 +135,7 @@ async fn retired_keys_from_the_config_are_published_and_old_packs_still_verify()
     let app = spawn_app_in(&data, |_| {}).await;
     app.record("factory.step_completed", "signed by the first key").await;
     let old_pack = export(app.channel.clone(), internal(1)).await;
-    let old_key = EvidenceServiceClient::new(app.channel.clone())
-        .get_public_keys(pb::GetPublicKeysRequest {})
-        .await
-        .expect("keys")
-        .into_inner()
-        .keys
-        .remove(0);
+    let old_key = public_keys(app.channel.clone()).await.remove(0);
     app.stop().await;
 
     // Rotate: a new key, the old one listed as retired.
@@ -162,12 +156,7 @@ async fn retired_keys_from_the_config_are_published_and_old_packs_still_verify()
         config.governance_config = Some(file.clone());
     })
     .await;
-    let keys = EvidenceServiceClient::new(app.channel.clone())
-        .get_public_keys(pb::GetPublicKeysRequest {})
-        .await
-        .expect("keys")
-        .into_inner()
-        .keys;
+    let keys = public_keys(app.channel.clone()).await;
     assert_eq!(keys.len(), 2);
     assert!(!keys[0].retired && keys[0].key_id != old_key.key_id, "the current key first");
     assert_eq!((keys[1].key_id.as_str(), keys[1].retired), (old_key.key_id.as_str(), true));
@@ -192,15 +181,8 @@ fn an_invalid_config_exits_64_naming_the_setting_and_the_field() {
     let file = dir.path().join("governance.toml");
     std::fs::write(&file, EXAMPLE.replace("[audit]", "[audit]\nrecord_everything = true"))
         .expect("writes");
-    let output = std::process::Command::new(BIN)
-        .arg("serve")
-        .env_clear()
-        .env("BRAIN_DATA_DIR", dir.path().join("data"))
-        .env("BRAIN_GRPC_ADDR", "127.0.0.1:0")
-        .env("BRAIN_METRICS_ADDR", "127.0.0.1:0")
-        .env("BRAIN_GOVERNANCE_CONFIG", &file)
-        .output()
-        .expect("runs");
+    let output =
+        serve_once(&dir.path().join("data"), &[("BRAIN_GOVERNANCE_CONFIG", file.as_path())]);
     assert_eq!(output.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("BRAIN_GOVERNANCE_CONFIG"), "{stderr}");

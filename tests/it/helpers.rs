@@ -284,3 +284,26 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
     (code, body)
 }
+
+/// The keys `GetPublicKeys` publishes.
+pub async fn public_keys(channel: Channel) -> Vec<pb::PublicKey> {
+    pb::evidence_service_client::EvidenceServiceClient::new(channel)
+        .get_public_keys(pb::GetPublicKeysRequest {})
+        .await
+        .expect("GetPublicKeys answers")
+        .into_inner()
+        .keys
+}
+
+/// `brain-ops serve` on port 0 with only `env`, run to its exit (for configuration refusals).
+pub fn serve_once(data_dir: &Path, env: &[(&str, &Path)]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .arg("serve")
+        .env_clear()
+        .env("BRAIN_DATA_DIR", data_dir)
+        .env("BRAIN_GRPC_ADDR", "127.0.0.1:0")
+        .env("BRAIN_METRICS_ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .output()
+        .expect("runs")
+}
