@@ -76,7 +76,7 @@ pub enum PackError {
     Storage(String),
 }
 
-/// Everything gathered in one pass over the ledger prefix.
+/// The state at `as_of` and the summaries of the events in the range.
 #[derive(Default)]
 struct Gathered {
     state: State,
@@ -114,10 +114,12 @@ pub struct Plan {
     pub approx_bytes: usize,
 }
 
-/// The first pass: every summary, from the ledger prefix up to `as_of_seq` (the head when 0).
+/// The first pass: every summary. The state at `as_of_seq` (the head when 0) is `durable`
+/// itself when that is the head, else a fold of the ledger prefix; the events in the time range
+/// are found by bisection, since times never decrease along seqs, and only they are read.
 pub fn plan(
     store: &dyn Storage,
-    head_seq: u64,
+    durable: &State,
     request: &ExportRequest,
 ) -> Result<Plan, PackError> {
     if request.from >= request.to {
@@ -126,6 +128,7 @@ pub fn plan(
             message: "must be after from (the range is [from, to))".into(),
         });
     }
+    let head_seq = durable.head.seq;
     let as_of = if request.as_of_seq == 0 { head_seq } else { request.as_of_seq };
     if as_of > head_seq {
         return Err(PackError::Invalid {
@@ -133,29 +136,37 @@ pub fn plan(
             message: format!("{as_of} is beyond the head seq {head_seq}"),
         });
     }
+    let state = if as_of == head_seq { durable.clone() } else { fold(store, as_of)? };
+    let first = first_at_or_after(store, as_of, request.from)?;
+    let end = first_at_or_after(store, as_of, request.to)?;
+    let prev_hash = if first > 1 { read(store, first - 1)?.hash } else { GENESIS_HASH.to_owned() };
     let mut g = Gathered {
-        as_of_hash: GENESIS_HASH.to_owned(),
-        prev_hash: GENESIS_HASH.to_owned(),
-        last_hash: GENESIS_HASH.to_owned(),
+        as_of_hash: state.head.hash.clone(),
+        state,
+        last_hash: prev_hash.clone(),
+        prev_hash,
         ..Gathered::default()
     };
     let mut problem = None;
-    store
-        .scan(1, as_of, &mut |seq, bytes| match Record::decode_verified(bytes) {
-            Ok(record) => {
-                gather(&mut g, &record, bytes, request);
-                ControlFlow::Continue(())
-            }
-            Err(e) => {
-                problem = Some(format!("seq {seq}: {e}"));
-                ControlFlow::Break(())
-            }
-        })
-        .map_err(storage)?;
+    if first < end {
+        store
+            .scan(first, end - 1, &mut |seq, bytes| match in_chain(seq, bytes, &g.last_hash) {
+                Ok(record) => {
+                    gather(&mut g, &record, bytes, request.scope);
+                    ControlFlow::Continue(())
+                }
+                Err(e) => {
+                    problem = Some(e);
+                    ControlFlow::Break(())
+                }
+            })
+            .map_err(storage)?;
+        if problem.is_none() && g.last_seq != end - 1 {
+            problem = Some(damaged(g.last_seq.max(first - 1) + 1, "the seq is missing"));
+        }
+    }
     if let Some(problem) = problem {
-        return Err(PackError::Storage(format!(
-            "the ledger is damaged; no pack can vouch for it ({problem})"
-        )));
+        return Err(problem);
     }
     let (first_event, events_total, events_included) = (g.first_seq, g.events_total, g.included);
     let included_bytes = g.included_bytes;
@@ -175,6 +186,65 @@ pub fn plan(
         events_total,
         events_included,
     })
+}
+
+/// The state folded from the ledger up to `as_of`.
+fn fold(store: &dyn Storage, as_of: u64) -> Result<State, PackError> {
+    let mut state = State::default();
+    let mut problem = None;
+    store
+        .scan(1, as_of, &mut |seq, bytes| match in_chain(seq, bytes, &state.head.hash) {
+            Ok(record) => {
+                state.apply(&record);
+                ControlFlow::Continue(())
+            }
+            Err(e) => {
+                problem = Some(e);
+                ControlFlow::Break(())
+            }
+        })
+        .map_err(storage)?;
+    match problem {
+        Some(problem) => Err(problem),
+        None if state.head.seq != as_of => Err(damaged(state.head.seq + 1, "the seq is missing")),
+        None => Ok(state),
+    }
+}
+
+/// The first seq up to `as_of` whose event time is at or after `time`; `as_of + 1` if none.
+fn first_at_or_after(store: &dyn Storage, as_of: u64, time: i64) -> Result<u64, PackError> {
+    let (mut low, mut high) = (1, as_of + 1);
+    while low < high {
+        let mid = low + (high - low) / 2;
+        if read(store, mid)?.time_micros().unwrap_or(i64::MIN) < time {
+            low = mid + 1;
+        } else {
+            high = mid;
+        }
+    }
+    Ok(low)
+}
+
+/// The verified record at `seq`.
+fn read(store: &dyn Storage, seq: u64) -> Result<Record, PackError> {
+    let bytes =
+        store.get(seq).map_err(storage)?.ok_or_else(|| damaged(seq, "the seq is missing"))?;
+    Record::decode_verified(&bytes).map_err(|e| damaged(seq, &e.to_string()))
+}
+
+/// The verified record stored at `seq`, which must link to `prev_hash`.
+fn in_chain(seq: u64, bytes: &[u8], prev_hash: &str) -> Result<Record, PackError> {
+    let record = Record::decode_verified(bytes).map_err(|e| damaged(seq, &e.to_string()))?;
+    if record.seq != seq || record.prev_hash != prev_hash {
+        return Err(damaged(seq, "the record is not the one the chain links to"));
+    }
+    Ok(record)
+}
+
+fn damaged(seq: u64, problem: &str) -> PackError {
+    PackError::Storage(format!(
+        "the ledger is damaged at seq {seq}; no pack can vouch for it ({problem})"
+    ))
 }
 
 const EMPTY_EVENTS: &str = "\"events\":[]";
@@ -254,17 +324,8 @@ pub fn build(store: &dyn Storage, plan: &Plan, signer: &Signer) -> Result<Pack, 
     })
 }
 
-fn gather(g: &mut Gathered, record: &Record, bytes: &[u8], request: &ExportRequest) {
-    g.state.apply(record);
-    g.as_of_hash.clone_from(&record.hash);
-    let time = record.time_micros().unwrap_or(i64::MIN);
-    if time < request.from {
-        g.prev_hash.clone_from(&record.hash);
-        return;
-    }
-    if time >= request.to {
-        return;
-    }
+/// Folds one event of the range into the summaries.
+fn gather(g: &mut Gathered, record: &Record, bytes: &[u8], scope: Scope) {
     if g.first_seq == 0 {
         g.first_seq = record.seq;
     }
@@ -272,7 +333,7 @@ fn gather(g: &mut Gathered, record: &Record, bytes: &[u8], request: &ExportReque
     g.last_hash.clone_from(&record.hash);
     g.events_total += 1;
     *g.audit_summary.entry(record.event_type.clone()).or_default() += 1;
-    let investor = request.scope == Scope::Investor;
+    let investor = scope == Scope::Investor;
     match record.event_type.as_str() {
         events::MODE_CHANGED => {
             let mode = |m: Option<crate::ledger::record::Mode>| {
@@ -317,7 +378,7 @@ fn gather(g: &mut Gathered, record: &Record, bytes: &[u8], request: &ExportReque
     if let Some(kind) = executor_kind {
         *g.executor.entry(kind).or_default() += 1;
     }
-    let include = match request.scope {
+    let include = match scope {
         Scope::Internal => true,
         Scope::Audit => g.included < AUDIT_EVENT_LIMIT as u64,
         Scope::Investor => false,

@@ -70,10 +70,10 @@ impl EvidenceApi {
             .ledger
             .store()
             .ok_or_else(|| Status::unavailable("the ledger could not be opened"))?;
-        let head = self.ledger.state().head.seq;
+        let durable = self.ledger.durable_state();
         let for_plan = store.clone();
         let plan =
-            tokio::task::spawn_blocking(move || pack::plan(for_plan.as_ref(), head, &export))
+            tokio::task::spawn_blocking(move || pack::plan(for_plan.as_ref(), &durable, &export))
                 .await
                 .map_err(|e| Status::internal(format!("export task failed: {e}")))??;
         Ok((store, plan))

@@ -109,6 +109,7 @@ pub struct Ledger {
 struct Inner {
     commands: mpsc::Sender<writer::Command>,
     state: watch::Receiver<Arc<State>>,
+    durable: watch::Receiver<Arc<State>>,
     health: watch::Receiver<StorageHealth>,
     store: Option<Arc<dyn Storage>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -154,6 +155,7 @@ impl Ledger {
             inner: Arc::new(Inner {
                 commands: spawned.commands,
                 state: spawned.state,
+                durable: spawned.durable,
                 health: spawned.health,
                 store,
                 thread: Mutex::new(Some(spawned.thread)),
@@ -220,6 +222,12 @@ impl Ledger {
     /// The state in effect: durable, plus a freeze that took effect while storage failed.
     pub fn state(&self) -> Arc<State> {
         self.inner.state.borrow().clone()
+    }
+
+    /// The state folded from durable records alone, without a freeze that is in effect only in
+    /// memory: exactly what a fold of the ledger up to its head gives.
+    pub fn durable_state(&self) -> Arc<State> {
+        self.inner.durable.borrow().clone()
     }
 
     /// A receiver that sees every published state.

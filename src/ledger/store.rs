@@ -107,8 +107,6 @@ fn take(counter: &AtomicU32) -> bool {
     counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
 }
 
-impl Faults {}
-
 /// sled settings the service exposes.
 #[derive(Clone, Debug)]
 pub struct SledOptions {

@@ -1,5 +1,5 @@
-//! Chain verification: every record decodes, is canonical, matches its hash, sits at its seq and
-//! links to the record before it. Used at start over the whole ledger and by `VerifyChain`.
+//! Chain verification: every record decodes, is canonical, matches its hash, sits at its seq,
+//! links to the record before it and is not earlier than it. Used at start over the whole ledger and by `VerifyChain`.
 
 use sha2::{Digest, Sha256};
 
@@ -33,6 +33,8 @@ pub struct ChainVerifier {
     /// Hash the next record must link to; `None` when it cannot be known (after damage, or when
     /// a range starts past a damaged record).
     prev_hash: Option<String>,
+    /// Time of the record before, when it decoded: times never decrease along seqs.
+    prev_time: Option<i64>,
     checked: u64,
     damage: Vec<Damage>,
     damage_total: u64,
@@ -45,6 +47,7 @@ impl ChainVerifier {
         ChainVerifier {
             next_seq: from_seq,
             prev_hash,
+            prev_time: None,
             checked: 0,
             damage: Vec::new(),
             damage_total: 0,
@@ -62,6 +65,7 @@ impl ChainVerifier {
             Err(problem) => {
                 self.damaged(seq, problem.to_string(), digest(bytes));
                 self.prev_hash = None;
+                self.prev_time = None;
                 self.last_hash = Some(hex::encode(Sha256::digest(bytes)));
                 None
             }
@@ -78,7 +82,17 @@ impl ChainVerifier {
                         seq.saturating_sub(1)
                     );
                     self.damaged(seq, problem, digest(bytes));
+                } else if let (Some(time), Some(previous)) = (record.time_micros(), self.prev_time)
+                    && time < previous
+                {
+                    let problem = format!(
+                        "time {} is earlier than the time of seq {}",
+                        record.time,
+                        seq.saturating_sub(1)
+                    );
+                    self.damaged(seq, problem, digest(bytes));
                 }
+                self.prev_time = record.time_micros();
                 self.prev_hash = Some(record.hash.clone());
                 self.last_hash = Some(record.hash.clone());
                 Some(record)

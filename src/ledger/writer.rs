@@ -96,12 +96,15 @@ struct Writer {
     fault: Option<String>,
     keys: Arc<AtomicU64>,
     state_tx: watch::Sender<Arc<State>>,
+    /// The durable state alone (no in-memory freeze), for readers that must describe the ledger.
+    durable_tx: watch::Sender<Arc<State>>,
     health_tx: watch::Sender<StorageHealth>,
 }
 
 pub(super) struct Spawned {
     pub commands: mpsc::Sender<Command>,
     pub state: watch::Receiver<Arc<State>>,
+    pub durable: watch::Receiver<Arc<State>>,
     pub health: watch::Receiver<StorageHealth>,
     pub thread: std::thread::JoinHandle<()>,
     /// Idempotency keys remembered, refreshed after every batch.
@@ -122,6 +125,7 @@ pub(super) fn spawn(
     let (commands, queue) = mpsc::channel(QUEUE_DEPTH);
     let committed = Arc::new(state);
     let (state_tx, state_rx) = watch::channel(committed.clone());
+    let (durable_tx, durable_rx) = watch::channel(committed.clone());
     let (health_tx, health_rx) = watch::channel(StorageHealth { fault: fault.clone() });
     let index_len = index.len() as u64;
     let mut writer = Writer {
@@ -138,6 +142,7 @@ pub(super) fn spawn(
         fault,
         keys: Arc::new(AtomicU64::new(index_len)),
         state_tx,
+        durable_tx,
         health_tx,
     };
     if let Some(fault) = writer.fault.clone() {
@@ -154,7 +159,7 @@ pub(super) fn spawn(
             }
         })
         .expect("the OS can start the ledger writer thread");
-    Spawned { commands, state: state_rx, health: health_rx, thread, keys }
+    Spawned { commands, state: state_rx, durable: durable_rx, health: health_rx, thread, keys }
 }
 
 impl Writer {
@@ -350,6 +355,7 @@ impl Writer {
         match appended {
             Ok(()) => {
                 self.committed = Arc::new(self.pending.clone());
+                self.durable_tx.send_replace(self.committed.clone());
                 self.publish();
                 Ok(())
             }

@@ -85,6 +85,20 @@ async fn a_broken_link_starts_the_service_frozen_naming_its_seq() {
 }
 
 #[tokio::test]
+async fn a_record_earlier_than_the_one_before_starts_the_service_frozen_naming_its_seq() {
+    let dir = populated_ledger().await;
+    // Consistent on its own and linked to seq 3, but dated before it. (Seq 5 then no longer
+    // links; the first bad seq must still be 4, so the time itself is what is caught.)
+    tamper(dir.path(), 4, |bytes| {
+        let mut record: Record = serde_json::from_slice(&bytes).expect("decodes");
+        record.time = brain_ops::ledger::record::format_time(0);
+        record.hash = record.compute_hash();
+        record.canonical_bytes()
+    });
+    assert_frozen_by_integrity_at(dir.path(), 4).await;
+}
+
+#[tokio::test]
 async fn a_truncated_record_starts_the_service_frozen_naming_its_seq() {
     let dir = populated_ledger().await;
     tamper(dir.path(), 2, |mut bytes| {
