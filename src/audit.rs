@@ -274,7 +274,7 @@ fn violations_revealed_by(draft: &Draft, state: &State) -> Vec<Draft> {
     }
     if draft.metadata.get("forced").is_some_and(|f| f == "true") {
         let named = draft.metadata.get("override_id");
-        if !named.is_some_and(|id| state.consumed_overrides.contains(id)) {
+        if !named.is_some_and(|id| state.override_consumed(id)) {
             let mut violation = Draft::new(events::OVERRIDE_VIOLATION, &draft.source)
                 .severity(Severity::Critical)
                 .failed()

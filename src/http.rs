@@ -50,7 +50,7 @@ async fn prometheus(State(probes): State<Probes>) -> Response {
 }
 
 async fn summary(State(probes): State<Probes>) -> Json<Summary> {
-    Json(Summary::of(&probes.ledger.state(), probes.metrics.uptime()))
+    Json(probes.metrics.summary(&probes.ledger.state()))
 }
 
 /// 200 when healthy; 503 with the reasons when degraded. Degraded is not unready: a degraded

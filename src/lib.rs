@@ -16,6 +16,7 @@ pub mod grpc;
 pub mod http;
 pub mod ledger;
 pub mod metrics;
+pub mod overrides;
 pub mod pb;
 pub mod safe_mode;
 pub mod server;

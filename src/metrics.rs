@@ -16,8 +16,10 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 use serde::Serialize;
 
+use crate::ledger::clock::Clock;
 use crate::ledger::record::{Mode, format_time};
 use crate::ledger::{AppendObserver, Ledger};
+use crate::overrides;
 use crate::state::{OperationKind, State};
 
 /// Latency buckets in seconds, from 100 µs to 10 s.
@@ -58,13 +60,12 @@ pub fn current_mode(state: &State) -> Mode {
 }
 
 impl Summary {
-    pub fn of(state: &State, uptime: Duration) -> Summary {
+    pub fn of(state: &State, uptime: Duration, now_micros: i64) -> Summary {
         let ops = &state.operations;
         Summary {
             current_mode: current_mode(state).as_str(),
             mode_switches: ops.mode_switches,
-            // No override can be active until the override service exists.
-            override_active: false,
+            override_active: overrides::any_active(state, now_micros),
             quarantines: ops.quarantines,
             executor_failures: ops.executor_failures,
             last_success: ops.last_success_micros.map(format_time),
@@ -86,6 +87,8 @@ impl Summary {
 
 /// The metrics of one service instance.
 pub struct Metrics {
+    /// The ledger's clock, for what depends on time (an override's expiry).
+    clock: Arc<dyn Clock>,
     registry: prometheus::Registry,
     provider: SdkMeterProvider,
     meter: Meter,
@@ -107,7 +110,7 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     /// Sets up the exporter and the instruments that are recorded as things happen.
-    pub fn new() -> Result<Metrics, String> {
+    pub fn new(clock: Arc<dyn Clock>) -> Result<Metrics, String> {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -136,6 +139,7 @@ impl Metrics {
             )
             .build();
         Ok(Metrics {
+            clock,
             registry,
             provider,
             meter,
@@ -167,6 +171,11 @@ impl Metrics {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// The summary of `state` as of now.
+    pub fn summary(&self, state: &State) -> Summary {
+        Summary::of(state, self.uptime(), self.clock.now_micros())
     }
 
     /// Registers every metric read from the published state at scrape time.
@@ -203,7 +212,17 @@ impl Metrics {
             "Operation mode switches (sovereign.mode_changed where the mode changed)",
             |s| s.operations.mode_switches,
         );
-        gauge("brain_override_active", "1 while an emergency override is active, else 0", |_| 0);
+        {
+            let (ledger, clock) = (ledger.clone(), self.clock.clone());
+            self.meter
+                .u64_observable_gauge("brain_override_active")
+                .with_description("1 while an emergency override can be consumed (granted, not consumed, revoked or expired), else 0")
+                .with_callback(move |o| {
+                    let active = overrides::any_active(&ledger.state(), clock.now_micros());
+                    o.observe(u64::from(active), &[]);
+                })
+                .build();
+        }
         counter(
             "brain_quarantine_total",
             "Bundle quarantines (a bundle still quarantined is not counted again)",

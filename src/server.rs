@@ -17,6 +17,7 @@ use crate::grpc::authn::AuthLayer;
 use crate::grpc::evidence::EvidenceApi;
 use crate::grpc::metrics::MetricsApi;
 use crate::grpc::observe::ObserveLayer;
+use crate::grpc::overrides::OverrideApi;
 use crate::grpc::safe_mode::SafeModeApi;
 use crate::ledger::Ledger;
 use crate::pb;
@@ -50,6 +51,7 @@ pub fn routes(
     safe_mode: SafeModeApi,
     metrics: MetricsApi,
     evidence: EvidenceApi,
+    overrides: OverrideApi,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -78,14 +80,8 @@ pub fn routes(
         .add_service(audit)
         .add_service(pb::evidence_service_server::EvidenceServiceServer::new(evidence))
         .add_service(pb::metrics_service_server::MetricsServiceServer::new(metrics))
-        .add_service(pb::override_service_server::OverrideServiceServer::new(Unimplemented))
+        .add_service(pb::override_service_server::OverrideServiceServer::new(overrides))
 }
-
-/// Services not built yet: every RPC answers UNIMPLEMENTED.
-#[derive(Clone, Copy, Debug)]
-pub struct Unimplemented;
-
-impl pb::override_service_server::OverrideService for Unimplemented {}
 
 /// The server's layers, outermost first.
 type Layers = Stack<AuthLayer, Stack<DrainLayer, Stack<ObserveLayer, Identity>>>;

@@ -20,12 +20,14 @@ use crate::grpc::authn::AuthLayer;
 use crate::grpc::evidence::EvidenceApi;
 use crate::grpc::metrics::MetricsApi;
 use crate::grpc::observe::ObserveLayer;
+use crate::grpc::overrides::OverrideApi;
 use crate::grpc::safe_mode::SafeModeApi;
 use crate::ledger::Decision;
 use crate::ledger::record::{Draft, Severity};
 use crate::ledger::verify::{Damage, Verification};
 use crate::ledger::{Ledger, LedgerOptions};
 use crate::metrics::Metrics;
+use crate::overrides::Overrides;
 use crate::safe_mode::SafeModeControl;
 use crate::{checkpoint, http, safe_mode, server};
 
@@ -76,6 +78,7 @@ pub struct App {
     http: TcpListener,
     ledger: Ledger,
     control: Arc<SafeModeControl>,
+    overrides: Arc<Overrides>,
     metrics: Arc<Metrics>,
     auth: AuthLayer,
     signer: Arc<Signer>,
@@ -88,7 +91,7 @@ impl App {
     /// Binds the listeners, opens and verifies the ledger, rebuilds the state, and records what
     /// the start found (integrity damage, `BRAIN_SAFE_MODE`).
     pub async fn build(config: Config) -> Result<App, StartError> {
-        let metrics = Arc::new(Metrics::new().map_err(StartError::Metrics)?);
+        let metrics = Arc::new(Metrics::new(config.clock.clone()).map_err(StartError::Metrics)?);
         let authenticator = match &config.auth_file {
             Some(path) => Authenticator::from_file(path)?,
             None => Authenticator::off(),
@@ -175,14 +178,23 @@ impl App {
         );
         let metrics_api = MetricsApi::new(ledger.clone(), metrics.clone());
         let evidence_api = EvidenceApi::new(ledger.clone(), signer.clone());
-        let routes =
-            server::routes(&ledger, safe_mode_api, metrics_api, evidence_api, health_service);
+        let overrides = Arc::new(Overrides::new(ledger.clone(), config.clock.clone()));
+        let override_api = OverrideApi::new(overrides.clone());
+        let routes = server::routes(
+            &ledger,
+            safe_mode_api,
+            metrics_api,
+            evidence_api,
+            override_api,
+            health_service,
+        );
         Ok(App {
             config,
             grpc,
             http,
             ledger,
             control,
+            overrides,
             metrics,
             auth,
             signer,
@@ -221,6 +233,7 @@ impl App {
             http,
             ledger,
             control,
+            overrides,
             metrics,
             auth,
             signer,
@@ -275,6 +288,7 @@ impl App {
                 }
             })
         };
+        let expirer = tokio::spawn(overrides.run_expiry());
         // The ledger's size on disk is read from the filesystem here, never during a scrape.
         let sizer = {
             let (ledger, bytes) = (ledger.clone(), metrics.ledger_bytes.clone());
@@ -308,6 +322,7 @@ impl App {
         reloader.abort();
         sizer.abort();
         checkpointer.abort();
+        expirer.abort();
         control.flush_blocked(true).await;
         auth.denials.flush(true).await;
         checkpoint::take(&ledger, signer, &config.data_dir).await;

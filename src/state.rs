@@ -2,11 +2,12 @@
 //! state after a restart equals the state before it. The writer applies records to a pending copy
 //! as it stages them and publishes the copy once they are durable.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::checkpoint::Checkpoint;
 use crate::governance::InForce;
+use crate::overrides::{self, End, Override};
 
 use crate::ledger::record::{Mode, Record, parse_time};
 
@@ -21,7 +22,6 @@ pub mod events {
     pub const SAFE_MODE_VIOLATION: &str = "system.safe_mode_violation";
     pub const OVERRIDE_VIOLATION: &str = "system.override_violation";
     pub const PERMISSION_DENIED: &str = "system.permission_denied";
-    pub const OVERRIDE_CONSUMED: &str = "override.consumed";
     pub const MODE_CHANGED: &str = "sovereign.mode_changed";
     pub const BUNDLE_QUARANTINED: &str = "sovereign.bundle_quarantined";
     pub const BUNDLE_RELEASED: &str = "sovereign.bundle_released";
@@ -149,8 +149,8 @@ pub struct State {
     pub operations: Operations,
     /// Refusals and violations on record.
     pub violations: Violations,
-    /// Ids of overrides consumed (from `override.consumed`), which forced actions must name.
-    pub consumed_overrides: BTreeSet<String>,
+    /// Emergency overrides by id, from `override.*` events.
+    pub overrides: BTreeMap<String, Override>,
     /// The governance configuration in force (`None` until one is recorded).
     pub governance: Option<Arc<InForce>>,
     /// The newest signed checkpoint.
@@ -217,9 +217,15 @@ impl State {
                 self.violations.integrity += 1;
             }
             events::SAFE_MODE_VIOLATION => self.violations.safe_mode += 1,
-            events::OVERRIDE_CONSUMED => {
-                if let Some(id) = record.metadata.get("override_id") {
-                    self.consumed_overrides.insert(id.clone());
+            overrides::GRANTED => {
+                if let Some(granted) = Override::from_record(record) {
+                    self.overrides.insert(granted.id.clone(), granted);
+                }
+            }
+            overrides::CONSUMED | overrides::REVOKED | overrides::EXPIRED => {
+                let id = record.metadata.get("override_id");
+                if let Some(found) = id.and_then(|id| self.overrides.get_mut(id)) {
+                    found.end_with(record);
                 }
             }
             events::OVERRIDE_VIOLATION => self.violations.override_use += 1,
@@ -265,6 +271,13 @@ impl State {
             }
             _ => {}
         }
+    }
+}
+
+impl State {
+    /// True when `id` names an override that was consumed.
+    pub fn override_consumed(&self, id: &str) -> bool {
+        self.overrides.get(id).is_some_and(|o| matches!(o.end, Some(End::Consumed { .. })))
     }
 }
 

@@ -6,6 +6,7 @@ mod audit;
 mod evidence;
 mod keygen;
 mod metrics;
+mod overrides;
 mod safe_mode;
 mod token;
 
@@ -67,6 +68,13 @@ pub enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: metrics::MetricsCommand,
+    },
+    /// Grant, consume, revoke and list emergency overrides.
+    Override {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: overrides::OverrideCommand,
     },
     /// Make an Ed25519 key pair for signing evidence packs (offline).
     Keygen(keygen::KeygenArgs),
@@ -187,6 +195,7 @@ pub async fn run_client(command: Command) -> u8 {
         Command::Keygen(args) => keygen::run(args),
         Command::Evidence { client, command } => evidence::run(&client, command).await,
         Command::Metrics { client, command } => metrics::run(&client, command).await,
+        Command::Override { client, command } => overrides::run(&client, command).await,
     };
     match result {
         Ok(code) => code,

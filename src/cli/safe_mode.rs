@@ -139,7 +139,7 @@ fn source_name(status: &pb::SafeModeStatus) -> &'static str {
     }
 }
 
-fn time_of(t: Option<&prost_types::Timestamp>) -> Option<String> {
+pub(super) fn time_of(t: Option<&prost_types::Timestamp>) -> Option<String> {
     t.map(|t| format_time(t.seconds * 1_000_000 + i64::from(t.nanos / 1000)))
 }
 

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use super::convert::micros_to_pb;
 use crate::ledger::Ledger;
 use crate::ledger::record::Mode;
-use crate::metrics::{Metrics, Summary, current_mode};
+use crate::metrics::{Metrics, current_mode};
 use crate::pb;
 
 #[derive(Clone, Debug)]
@@ -29,7 +29,7 @@ impl pb::metrics_service_server::MetricsService for MetricsApi {
         _request: Request<pb::GetSummaryRequest>,
     ) -> Result<Response<pb::GetSummaryResponse>, Status> {
         let state = self.ledger.state();
-        let summary = Summary::of(&state, self.metrics.uptime());
+        let summary = self.metrics.summary(&state);
         let mode = match current_mode(&state) {
             Mode::Online => pb::OperationMode::Online,
             Mode::Offline => pb::OperationMode::Offline,

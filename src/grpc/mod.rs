@@ -7,11 +7,13 @@ pub mod convert;
 pub mod evidence;
 pub mod metrics;
 pub mod observe;
+pub mod overrides;
 pub mod safe_mode;
 
 use tonic::Status;
 
 use crate::audit::AuditError;
+use crate::overrides::OverrideError;
 use crate::safe_mode::SafeModeError;
 
 /// The principal every caller is while authentication is off.
@@ -51,6 +53,20 @@ impl From<SafeModeError> for Status {
             SafeModeError::Invalid(_) => Status::invalid_argument(error.to_string()),
             SafeModeError::Unavailable(_) => {
                 tracing::warn!(%error, "safe-mode change refused");
+                Status::unavailable(error.to_string())
+            }
+        }
+    }
+}
+
+impl From<OverrideError> for Status {
+    fn from(error: OverrideError) -> Status {
+        match &error {
+            OverrideError::Invalid(_) => Status::invalid_argument(error.to_string()),
+            OverrideError::NotFound(_) => Status::not_found(error.to_string()),
+            OverrideError::Refused(_) => Status::failed_precondition(error.to_string()),
+            OverrideError::Unavailable(_) => {
+                tracing::warn!(%error, "override call refused");
                 Status::unavailable(error.to_string())
             }
         }

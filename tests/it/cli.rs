@@ -312,3 +312,43 @@ async fn evidence_export_and_verify_work_offline_and_through_the_server() {
     assert_eq!(code, Some(1), "{stdout}");
     assert!(stdout.contains("INVALID") && stdout.contains("problem:"), "{stdout}");
 }
+
+#[tokio::test]
+async fn override_commands_grant_consume_list_and_revoke_with_documented_exit_codes() {
+    let app = spawn_app().await;
+    let server = format!("http://{}", app.grpc_addr);
+    let grant = ["override", "grant", "--scope", "sovereign.mode_change", "--ttl-seconds", "600"];
+    let (code, stdout, stderr) = run(
+        &server,
+        &[&grant[..], &["--reason", "IPv6 gate down, incident 42", "-o", "json"]].concat(),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let granted: serde_json::Value = serde_json::from_str(&stdout).expect("JSON output");
+    let token = granted["token"].as_str().expect("token").to_owned();
+    let id = granted["override"]["id"].as_str().expect("id").to_owned();
+    assert_eq!(granted["override"]["state"], "active");
+
+    let consume = ["override", "consume", "--override-token", &token, "--purpose", "switch"];
+    let (code, stdout, stderr) = run(&server, &consume).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with(&format!("{id} CONSUMED scope sovereign.mode_change")), "{stdout}");
+    let (code, _, stderr) = run(&server, &consume).await;
+    assert_eq!(code, Some(4), "a refused reuse exits 4");
+    assert!(stderr.contains("FailedPrecondition") && stderr.contains("consumed"), "{stderr}");
+
+    let (code, stdout, _) = run(&server, &["override", "list"]).await;
+    assert_eq!((code, stdout.trim()), (Some(0), "no overrides"));
+    let (code, stdout, _) = run(&server, &["override", "list", "--all", "-o", "json"]).await;
+    assert_eq!(code, Some(0));
+    let listed: serde_json::Value = serde_json::from_str(&stdout).expect("JSON output");
+    assert_eq!(listed[0]["state"], "consumed");
+    assert_eq!(listed[0]["purpose"], "switch");
+
+    let (code, _, stderr) =
+        run(&server, &["override", "revoke", "--id", &id, "--reason", "incident closed"]).await;
+    assert_eq!(code, Some(4), "{stderr}");
+    let (code, _, stderr) = run(&server, &[&grant[..], &["--reason", "short"]].concat()).await;
+    assert_eq!(code, Some(4));
+    assert!(stderr.contains("InvalidArgument: reason"), "{stderr}");
+}

@@ -209,7 +209,11 @@ async fn check_recovered(channel: &Channel, acks: &mut Acks) {
         .await
         .expect("summary")
         .into_inner();
-    let folded = brain_ops::metrics::Summary::of(&state, Duration::ZERO);
+    let folded = brain_ops::metrics::Summary::of(
+        &state,
+        Duration::ZERO,
+        chrono::Utc::now().timestamp_micros(),
+    );
     assert_eq!(summary.ledger_head_seq, folded.ledger_head_seq);
     assert_eq!(summary.safe_mode, folded.safe_mode);
     assert_eq!(summary.mode_switches, folded.mode_switches);

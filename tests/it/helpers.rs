@@ -127,7 +127,6 @@ impl TestApp {
             .into_inner()
     }
 
-    /// Every stored record, following pages.
     /// Every event except the service's own checkpoints (one is appended at every shutdown).
     pub async fn list_all(&self) -> Vec<pb::LedgerEvent> {
         let mut events = self.list_everything().await;

@@ -16,6 +16,7 @@ mod integrity;
 mod ledger;
 mod list;
 mod metrics;
+mod overrides;
 mod safe_mode;
 mod server;
 mod shutdown_load;

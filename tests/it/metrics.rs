@@ -9,10 +9,10 @@ use tonic::Code;
 use crate::helpers::{TestApp, event, http_get, record_of, spawn_app, spawn_app_in};
 
 /// Metric name → its series as (labels, value).
-type Scraped = HashMap<String, Vec<(HashMap<String, String>, f64)>>;
+pub type Scraped = HashMap<String, Vec<(HashMap<String, String>, f64)>>;
 
 /// Scrapes /metrics and parses it with a Prometheus text parser.
-async fn scrape(app: &TestApp) -> Scraped {
+pub async fn scrape(app: &TestApp) -> Scraped {
     let (code, body) = http_get(app.metrics_addr, "/metrics").await;
     assert_eq!(code, 200);
     let lines = body.lines().map(|l| Ok(l.to_owned()));
@@ -35,13 +35,13 @@ async fn scrape(app: &TestApp) -> Scraped {
     by_name
 }
 
-fn value(metrics: &Scraped, name: &str) -> f64 {
+pub fn value(metrics: &Scraped, name: &str) -> f64 {
     let series = metrics.get(name).unwrap_or_else(|| panic!("{name} is exported"));
     assert_eq!(series.len(), 1, "{name} has one series");
     series[0].1
 }
 
-async fn report(app: &TestApp, event: pb::Event) -> pb::RecordResponse {
+pub async fn report(app: &TestApp, event: pb::Event) -> pb::RecordResponse {
     app.audit()
         .record(pb::RecordRequest { event: Some(event), idempotency_key: String::new() })
         .await
@@ -49,7 +49,7 @@ async fn report(app: &TestApp, event: pb::Event) -> pb::RecordResponse {
         .into_inner()
 }
 
-fn mode_change(before: pb::OperationMode, after: pb::OperationMode) -> pb::Event {
+pub fn mode_change(before: pb::OperationMode, after: pb::OperationMode) -> pb::Event {
     pb::Event {
         event_type: "sovereign.mode_changed".into(),
         mode_before: before.into(),

@@ -151,16 +151,6 @@ async fn reflection_v1_and_v1alpha_list_all_five_services() {
 }
 
 #[tokio::test]
-async fn rpcs_not_built_yet_answer_unimplemented() {
-    let app = spawn_app().await;
-    let status = pb::override_service_client::OverrideServiceClient::new(app.channel.clone())
-        .list(pb::OverrideServiceListRequest::default())
-        .await
-        .expect_err("not built yet");
-    assert_eq!(status.code(), Code::Unimplemented);
-}
-
-#[tokio::test]
 async fn probes_answer_on_the_metrics_port() {
     let app = spawn_app().await;
     assert_eq!(http_get(app.metrics_addr, "/livez").await.0, 200);
