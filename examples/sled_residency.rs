@@ -24,6 +24,9 @@ struct Args {
     /// sled's page cache, in MiB.
     #[arg(long, default_value = "8")]
     cache_mb: u64,
+    /// Records per appended batch.
+    #[arg(long, default_value = "100")]
+    batch: u64,
     /// Read everything back after every 5,000 records.
     #[arg(long)]
     scan: bool,
@@ -53,10 +56,12 @@ fn main() {
     println!("records  rss_mib  disk_mib");
     let mut seq = 0;
     while seq < args.records {
-        let batch: Vec<(u64, &[u8])> = (1..=100).map(|i| (seq + i, body.as_slice())).collect();
+        let batch: Vec<(u64, &[u8])> =
+            (1..=args.batch).map(|i| (seq + i, body.as_slice())).collect();
         store.append(&batch).expect("appends");
-        seq += 100;
-        if seq % 5_000 == 0 && args.scan {
+        let before = seq;
+        seq += args.batch;
+        if seq / 5_000 != before / 5_000 && args.scan {
             let mut read = 0u64;
             store
                 .scan(1, seq, &mut |_, bytes| {
@@ -66,7 +71,7 @@ fn main() {
                 .expect("scans");
             assert_eq!(read, seq * args.record_bytes as u64);
         }
-        if seq % 25_000 == 0 {
+        if seq / 25_000 != before / 25_000 {
             println!("{seq:>7}  {:>7}  {:>8}", rss_mib(), store.size_on_disk() >> 20);
         }
     }

@@ -136,7 +136,7 @@ struct PrincipalsFile {
 struct Entry {
     name: String,
     role: String,
-    token_sha256: String,
+    token_sha256: Option<String>,
     tls_identity: Option<String>,
 }
 
@@ -175,6 +175,7 @@ impl Principals {
         };
         let mut names = HashSet::new();
         let mut digests = HashSet::new();
+        let mut identities = HashSet::new();
         let mut principals = Principals {
             tokens: Vec::new(),
             tls_identities: Vec::new(),
@@ -198,21 +199,50 @@ impl Principals {
                     format!("{:?} is not one of service, operator, auditor", entry.role),
                 )
             })?;
-            let digest = parse_digest(&entry.token_sha256).ok_or_else(|| {
-                invalid(
+            let principal = Arc::new(Principal { name, role: Some(role) });
+            if entry.token_sha256.is_none() && entry.tls_identity.is_none() {
+                return Err(invalid(
                     index,
                     "token_sha256",
-                    "must be 64 hex digits: the SHA-256 of the token".into(),
-                )
-            })?;
-            if !digests.insert(digest) {
-                return Err(invalid(index, "token_sha256", "is used by another principal".into()));
+                    "is required unless tls_identity names the principal's client certificate"
+                        .into(),
+                ));
             }
-            let principal = Arc::new(Principal { name, role: Some(role) });
+            if let Some(digest) = &entry.token_sha256 {
+                let digest = parse_digest(digest).ok_or_else(|| {
+                    invalid(
+                        index,
+                        "token_sha256",
+                        "must be 64 hex digits: the SHA-256 of the token".into(),
+                    )
+                })?;
+                if !digests.insert(digest) {
+                    return Err(invalid(
+                        index,
+                        "token_sha256",
+                        "is used by another principal".into(),
+                    ));
+                }
+                principals.tokens.push((digest, principal.clone()));
+            }
             if let Some(identity) = entry.tls_identity {
-                principals.tls_identities.push((identity, principal.clone()));
+                let identity = identity.trim().to_owned();
+                if identity.is_empty() || identity.chars().count() > 1024 {
+                    return Err(invalid(
+                        index,
+                        "tls_identity",
+                        "must be 1 to 1024 characters".into(),
+                    ));
+                }
+                if !identities.insert(identity.clone()) {
+                    return Err(invalid(
+                        index,
+                        "tls_identity",
+                        format!("{identity:?} is used by another principal"),
+                    ));
+                }
+                principals.tls_identities.push((identity, principal));
             }
-            principals.tokens.push((digest, principal));
         }
         principals.file_sha256 = hex::encode(Sha256::digest(text.as_bytes()));
         Ok(principals)
@@ -230,12 +260,25 @@ impl Principals {
         found
     }
 
+    /// The principal whose `tls_identity` is the first of `identities` (a verified client
+    /// certificate's URI SANs, DNS SANs and common names) that names one.
+    pub fn by_tls_identity(&self, identities: &[String]) -> Option<Arc<Principal>> {
+        identities.iter().find_map(|id| {
+            self.tls_identities.iter().find(|(known, _)| known == id).map(|(_, p)| p.clone())
+        })
+    }
+
+    /// Principals in the file.
     pub fn len(&self) -> usize {
-        self.tokens.len()
+        let mut names: Vec<&str> = self.tokens.iter().map(|(_, p)| p.name.as_str()).collect();
+        names.extend(self.tls_identities.iter().map(|(_, p)| p.name.as_str()));
+        names.sort_unstable();
+        names.dedup();
+        names.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
+        self.len() == 0
     }
 }
 
@@ -288,23 +331,34 @@ impl Authenticator {
         Ok(principals)
     }
 
-    /// The principal behind an `authorization` header value, if it may call `path`.
+    /// The principal behind an `authorization` header value or, without one, behind the
+    /// identities of a verified client certificate, if it may call `path`. A header that is
+    /// present must hold a valid token: it is never silently passed over for the certificate.
     pub fn check(
         &self,
         authorization: Option<&[u8]>,
+        tls_identities: &[String],
         path: &str,
     ) -> Result<Arc<Principal>, Refusal> {
         let principal = match &self.file {
             None => Arc::new(Principal::anonymous()),
-            Some((_, principals)) => {
-                let token = authorization
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-                    .map(str::trim)
-                    .filter(|t| !t.is_empty())
-                    .ok_or(Refusal::Unauthenticated)?;
-                principals.load().authenticate(token).ok_or(Refusal::Unauthenticated)?
-            }
+            Some((_, principals)) => match authorization {
+                Some(header) => {
+                    let token = std::str::from_utf8(header)
+                        .ok()
+                        .and_then(|v| {
+                            v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))
+                        })
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .ok_or(Refusal::Unauthenticated)?;
+                    principals.load().authenticate(token).ok_or(Refusal::Unauthenticated)?
+                }
+                None => principals
+                    .load()
+                    .by_tls_identity(tls_identities)
+                    .ok_or(Refusal::Unauthenticated)?,
+            },
         };
         if permits(principal.role, path) {
             Ok(principal)

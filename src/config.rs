@@ -6,8 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::audit::MAX_BATCH_RECORDS;
 use crate::ledger::clock::{Clock, SystemClock};
 use crate::ledger::store::{Faults, SledOptions};
+use crate::limits::LimitSettings;
+use crate::tls::TlsFiles;
 
 /// The raw settings of `brain-ops serve`.
 #[derive(Clone, Debug, clap::Args)]
@@ -18,7 +21,7 @@ pub struct ServeArgs {
     /// Address of the HTTP port for metrics and probes.
     #[arg(long, env = "BRAIN_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: String,
-    /// Optional plaintext gRPC health port, for TLS set-ups.
+    /// Optional plaintext port serving only gRPC health, for probes when TLS is on.
     #[arg(long, env = "BRAIN_HEALTH_ADDR")]
     pub health_addr: Option<String>,
     /// Directory of the ledger.
@@ -67,6 +70,21 @@ pub struct ServeArgs {
     /// Seconds an idempotency key is remembered.
     #[arg(long, env = "BRAIN_IDEMPOTENCY_RETENTION_SECONDS", default_value = "86400")]
     pub idempotency_retention_seconds: String,
+    /// Calls in flight at once outside the kill-switch path; more are refused at once.
+    #[arg(long, env = "BRAIN_MAX_CALLS_IN_FLIGHT", default_value = "256")]
+    pub max_calls_in_flight: String,
+    /// Calls in flight at once on the kill-switch path (CheckOperation, GetStatus, Watch, health).
+    #[arg(long, env = "BRAIN_MAX_CONTROL_CALLS_IN_FLIGHT", default_value = "1024")]
+    pub max_control_calls_in_flight: String,
+    /// `Watch` streams one principal may hold at once.
+    #[arg(long, env = "BRAIN_MAX_WATCH_STREAMS_PER_PRINCIPAL", default_value = "1024")]
+    pub max_watch_streams_per_principal: String,
+    /// Events one principal may record per second; 0 turns the quota off.
+    #[arg(long, env = "BRAIN_INGEST_EVENTS_PER_SECOND", default_value = "20000")]
+    pub ingest_events_per_second: String,
+    /// Evidence exports and verifications running at once.
+    #[arg(long, env = "BRAIN_MAX_EVIDENCE_JOBS", default_value = "2")]
+    pub max_evidence_jobs: String,
 }
 
 /// How logs are written.
@@ -94,6 +112,10 @@ fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// A plaintext port that serves only `grpc.health.v1`, for probes when TLS is on.
+    pub health_addr: Option<SocketAddr>,
+    /// TLS on the gRPC port; `None` serves plaintext.
+    pub tls: Option<TlsFiles>,
     /// The principals file; `None` serves everyone as `anonymous` (loopback only).
     pub auth_file: Option<PathBuf>,
     /// The Ed25519 signing key; `None` generates one in the data directory on first start.
@@ -113,6 +135,7 @@ pub struct Config {
     pub sled: SledOptions,
     pub idempotency_retention: Duration,
     pub watch_heartbeat: Duration,
+    pub limits: LimitSettings,
     /// Test seam: faults injected into storage.
     pub faults: Arc<Faults>,
     /// Test seam: the writer's clock.
@@ -125,6 +148,8 @@ impl Config {
         Config {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            health_addr: None,
+            tls: None,
             auth_file: None,
             signing_key_file: None,
             governance_config: None,
@@ -137,6 +162,7 @@ impl Config {
             sled: SledOptions::default(),
             idempotency_retention: Duration::from_secs(24 * 3600),
             watch_heartbeat: Duration::from_secs(5),
+            limits: LimitSettings::default(),
             faults: Arc::default(),
             clock: Arc::new(SystemClock),
         }
@@ -181,20 +207,69 @@ impl TryFrom<ServeArgs> for Config {
             &args.checkpoint_interval_seconds,
             1..=86400,
         )?);
+        let ingest_events_per_second = parse_whole(
+            "--ingest-events-per-second / BRAIN_INGEST_EVENTS_PER_SECOND",
+            &args.ingest_events_per_second,
+            0..=100_000_000,
+        )?;
+        // A whole batch must fit in one second of quota.
+        if (1..MAX_BATCH_RECORDS as u64).contains(&ingest_events_per_second) {
+            return Err(invalid(
+                "--ingest-events-per-second / BRAIN_INGEST_EVENTS_PER_SECOND",
+                format!("must be 0 (no quota) or at least {MAX_BATCH_RECORDS}, the largest batch"),
+            ));
+        }
+        let count = |setting, raw: &str, max| -> Result<usize, ConfigError> {
+            Ok(usize::try_from(parse_whole(setting, raw, 1..=max)?).unwrap_or(usize::MAX))
+        };
+        let limits = LimitSettings {
+            max_calls_in_flight: count(
+                "--max-calls-in-flight / BRAIN_MAX_CALLS_IN_FLIGHT",
+                &args.max_calls_in_flight,
+                1_000_000,
+            )?,
+            max_control_calls_in_flight: count(
+                "--max-control-calls-in-flight / BRAIN_MAX_CONTROL_CALLS_IN_FLIGHT",
+                &args.max_control_calls_in_flight,
+                1_000_000,
+            )?,
+            max_watch_streams_per_principal: count(
+                "--max-watch-streams-per-principal / BRAIN_MAX_WATCH_STREAMS_PER_PRINCIPAL",
+                &args.max_watch_streams_per_principal,
+                1_000_000,
+            )?,
+            ingest_events_per_second,
+            max_evidence_jobs: count(
+                "--max-evidence-jobs / BRAIN_MAX_EVIDENCE_JOBS",
+                &args.max_evidence_jobs,
+                64,
+            )?,
+        };
         if args.data_dir.as_os_str().is_empty() {
             return Err(invalid("--data-dir / BRAIN_DATA_DIR", "must not be empty"));
         }
-        // Settings of capabilities this build does not have yet are refused rather than ignored:
-        // an operator who configures TLS or authentication must not get a service without it.
-        let unsupported = [
-            ("--health-addr / BRAIN_HEALTH_ADDR", args.health_addr.is_some()),
-            ("--tls-cert / BRAIN_TLS_CERT", args.tls_cert.is_some()),
-            ("--tls-key / BRAIN_TLS_KEY", args.tls_key.is_some()),
-            ("--tls-client-ca / BRAIN_TLS_CLIENT_CA", args.tls_client_ca.is_some()),
-        ];
-        if let Some((setting, _)) = unsupported.iter().find(|(_, set)| *set) {
-            return Err(invalid(setting, "is not supported by this version of brain-ops yet"));
-        }
+        let tls = match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: args.tls_client_ca }),
+            (None, None) if args.tls_client_ca.is_some() => {
+                return Err(invalid(
+                    "--tls-client-ca / BRAIN_TLS_CLIENT_CA",
+                    "needs --tls-cert and --tls-key: mutual TLS is TLS with client certificates",
+                ));
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid("--tls-key / BRAIN_TLS_KEY", "is required with --tls-cert"));
+            }
+            (None, Some(_)) => {
+                return Err(invalid("--tls-cert / BRAIN_TLS_CERT", "is required with --tls-key"));
+            }
+        };
+        let health_addr = args
+            .health_addr
+            .as_deref()
+            .filter(|a| !a.trim().is_empty())
+            .map(|a| parse_addr("--health-addr / BRAIN_HEALTH_ADDR", a))
+            .transpose()?;
         // Without a principals file every caller is anonymous with every role, which is only
         // acceptable where nobody else can connect.
         let mut exposed_without_auth = false;
@@ -222,6 +297,8 @@ impl TryFrom<ServeArgs> for Config {
         Ok(Config {
             grpc_addr,
             metrics_addr,
+            health_addr,
+            tls,
             auth_file: args.auth_file,
             signing_key_file: args.signing_key_file,
             governance_config: args.governance_config,
@@ -234,6 +311,7 @@ impl TryFrom<ServeArgs> for Config {
             sled: SledOptions { cache_capacity: cache_mb * 1024 * 1024 },
             idempotency_retention: Duration::from_secs(retention_seconds),
             watch_heartbeat,
+            limits,
             faults: Arc::default(),
             clock: Arc::new(SystemClock),
         })

@@ -181,7 +181,10 @@ impl SafeModeControl {
         let key = (principal.to_owned(), kind, operation.to_owned());
         let first = self.lock().first_in_second(key.clone(), second);
         let mut audit_seq = 0;
-        if first {
+        // While storage is failing the answer must not wait for it: the call is counted into the
+        // aggregate that is written when storage returns.
+        let storage_failing = self.ledger.health().fault.is_some();
+        if first && !storage_failing {
             let draft = blocked_draft(principal, kind, operation, 1, None);
             match self.ledger.append(vec![draft]).await {
                 Ok(appended) => audit_seq = appended.first().map_or(0, |a| a.seq),

@@ -8,7 +8,6 @@ use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::audit::AuditLog;
 use tower::layer::util::{Identity, Stack};
 
 use crate::drain::{Drain, DrainLayer};
@@ -19,11 +18,15 @@ use crate::grpc::metrics::MetricsApi;
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::overrides::OverrideApi;
 use crate::grpc::safe_mode::SafeModeApi;
-use crate::ledger::Ledger;
+use crate::limits::LimitLayer;
 use crate::pb;
 
-/// Largest request message: a `RecordBatch` of up to 4 MiB.
+/// Largest request message of the audit and evidence services: a `RecordBatch` of up to 4 MiB,
+/// a pack given to `Verify`, one chunk of `VerifyStream`.
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Largest request message of the safe-mode, metrics and override services, whose requests
+/// hold a reason or a token at most.
+pub const MAX_SMALL_REQUEST_BYTES: usize = 64 * 1024;
 /// HTTP/2 keepalive, so that dead `Watch` peers are noticed.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -47,7 +50,7 @@ pub async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
 
 /// Every gRPC route: the five brain-ops services, health, and reflection v1 and v1alpha.
 pub fn routes(
-    ledger: &Ledger,
+    audit: AuditApi,
     safe_mode: SafeModeApi,
     metrics: MetricsApi,
     evidence: EvidenceApi,
@@ -67,29 +70,35 @@ pub fn routes(
     let reflection_alpha =
         reflection_alpha.build_v1alpha().expect("the compiled descriptors are valid");
 
-    let audit = pb::audit_service_server::AuditServiceServer::new(AuditApi::new(AuditLog::new(
-        ledger.clone(),
-    )))
-    .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let safe_mode = pb::safe_mode_service_server::SafeModeServiceServer::new(safe_mode);
+    let audit = pb::audit_service_server::AuditServiceServer::new(audit)
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let safe_mode = pb::safe_mode_service_server::SafeModeServiceServer::new(safe_mode)
+        .max_decoding_message_size(MAX_SMALL_REQUEST_BYTES);
+    let evidence = pb::evidence_service_server::EvidenceServiceServer::new(evidence)
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let metrics = pb::metrics_service_server::MetricsServiceServer::new(metrics)
+        .max_decoding_message_size(MAX_SMALL_REQUEST_BYTES);
+    let overrides = pb::override_service_server::OverrideServiceServer::new(overrides)
+        .max_decoding_message_size(MAX_SMALL_REQUEST_BYTES);
 
     Routes::new(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(safe_mode)
         .add_service(audit)
-        .add_service(pb::evidence_service_server::EvidenceServiceServer::new(evidence))
-        .add_service(pb::metrics_service_server::MetricsServiceServer::new(metrics))
-        .add_service(pb::override_service_server::OverrideServiceServer::new(overrides))
+        .add_service(evidence)
+        .add_service(metrics)
+        .add_service(overrides)
 }
 
 /// The server's layers, outermost first.
-type Layers = Stack<AuthLayer, Stack<DrainLayer, Stack<ObserveLayer, Identity>>>;
+type Layers = Stack<AuthLayer, Stack<LimitLayer, Stack<DrainLayer, Stack<ObserveLayer, Identity>>>>;
 
 /// The server with its layer stack.
 pub fn server(
     observe: ObserveLayer,
     drain: Arc<Drain>,
+    limits: LimitLayer,
     auth: AuthLayer,
 ) -> tonic::transport::Server<Layers> {
     tonic::transport::Server::builder()
@@ -100,6 +109,8 @@ pub fn server(
         // Next: while draining, refuse new calls before any work is done, and count the
         // calls in flight so that shutdown can wait for them.
         .layer(DrainLayer(drain))
+        // Then admission: a full pool refuses at once, and unary calls get their deadline.
+        .layer(limits)
         // Then authentication and roles, before any service sees the call; health and
         // reflection pass without a token so that probes and tools work.
         .layer(auth)

@@ -9,13 +9,16 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 
+use crate::audit::AuditLog;
 use crate::auth::{Authenticator, DenialRecorder, PrincipalsError};
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::evidence::keys::{KeyError, Signer};
 use crate::governance::{self, GovernanceError};
+use crate::grpc::audit::AuditApi;
 use crate::grpc::authn::AuthLayer;
 use crate::grpc::evidence::EvidenceApi;
 use crate::grpc::metrics::MetricsApi;
@@ -26,9 +29,11 @@ use crate::ledger::Decision;
 use crate::ledger::record::{Draft, Severity};
 use crate::ledger::verify::{Damage, Verification};
 use crate::ledger::{Ledger, LedgerOptions};
+use crate::limits::{LimitLayer, Limits};
 use crate::metrics::Metrics;
 use crate::overrides::Overrides;
 use crate::safe_mode::SafeModeControl;
+use crate::tls::{Tls, TlsError};
 use crate::{checkpoint, http, safe_mode, server};
 
 /// Why the service could not start.
@@ -46,6 +51,8 @@ pub enum StartError {
     SigningKey(#[from] KeyError),
     #[error("invalid setting --governance-config / BRAIN_GOVERNANCE_CONFIG: {0}")]
     Governance(#[from] GovernanceError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl StartError {
@@ -57,6 +64,7 @@ impl StartError {
                 | StartError::Principals(_)
                 | StartError::SigningKey(_)
                 | StartError::Governance(_)
+                | StartError::Tls(_)
         )
     }
 }
@@ -76,6 +84,9 @@ pub struct App {
     config: Config,
     grpc: TcpListener,
     http: TcpListener,
+    tls: Option<Arc<Tls>>,
+    /// The plaintext health-only port and its service.
+    health_only: Option<(TcpListener, HealthServer<HealthService>)>,
     ledger: Ledger,
     control: Arc<SafeModeControl>,
     overrides: Arc<Overrides>,
@@ -83,6 +94,7 @@ pub struct App {
     auth: AuthLayer,
     signer: Arc<Signer>,
     drain: Arc<Drain>,
+    limits: Arc<Limits>,
     health: HealthReporter,
     routes: tonic::service::Routes,
 }
@@ -100,8 +112,13 @@ impl App {
             Some(path) => Some(governance::Loaded::from_file(path)?),
             None => None,
         };
+        let tls = config.tls.clone().map(Tls::load).transpose()?.map(Arc::new);
         let grpc = bind("--grpc-addr / BRAIN_GRPC_ADDR", config.grpc_addr).await?;
         let http = bind("--metrics-addr / BRAIN_METRICS_ADDR", config.metrics_addr).await?;
+        let health_port = match config.health_addr {
+            Some(addr) => Some(bind("--health-addr / BRAIN_HEALTH_ADDR", addr).await?),
+            None => None,
+        };
         let options = LedgerOptions {
             dir: config.data_dir.clone(),
             sled: config.sled.clone(),
@@ -168,20 +185,25 @@ impl App {
             denials: Arc::new(DenialRecorder::new(ledger.clone(), config.clock.clone())),
         };
         let drain = Arc::new(Drain::default());
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let limits = Limits::new(config.limits.clone());
+        let health = HealthReporter::new();
+        let health_service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
+        let health_only = health_port.map(|listener| (listener, health_service.clone()));
         server::set_health(&health, ServingStatus::NotServing).await;
         let safe_mode_api = SafeModeApi::new(
             control.clone(),
             config.watch_heartbeat,
             drain.clone(),
             metrics.watch_streams.clone(),
+            limits.clone(),
         );
+        let audit_api = AuditApi::new(AuditLog::new(ledger.clone()), limits.clone());
         let metrics_api = MetricsApi::new(ledger.clone(), metrics.clone());
-        let evidence_api = EvidenceApi::new(ledger.clone(), signer.clone());
+        let evidence_api = EvidenceApi::new(ledger.clone(), signer.clone(), limits.clone());
         let overrides = Arc::new(Overrides::new(ledger.clone(), config.clock.clone()));
         let override_api = OverrideApi::new(overrides.clone());
         let routes = server::routes(
-            &ledger,
+            audit_api,
             safe_mode_api,
             metrics_api,
             evidence_api,
@@ -192,6 +214,8 @@ impl App {
             config,
             grpc,
             http,
+            tls,
+            health_only,
             ledger,
             control,
             overrides,
@@ -199,6 +223,7 @@ impl App {
             auth,
             signer,
             drain,
+            limits,
             health,
             routes,
         })
@@ -214,6 +239,11 @@ impl App {
         self.http.local_addr().expect("a bound listener has an address")
     }
 
+    /// The bound plaintext health-only address, when configured.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_only.as_ref().and_then(|(listener, _)| listener.local_addr().ok())
+    }
+
     /// The ledger handle (for embedding and tests).
     pub fn ledger(&self) -> Ledger {
         self.ledger.clone()
@@ -227,10 +257,13 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let (grpc_addr, metrics_addr) = (self.grpc_addr(), self.metrics_addr());
+        let health_addr = self.health_addr();
         let App {
             config,
             grpc,
             http,
+            tls,
+            health_only,
             ledger,
             control,
             overrides,
@@ -238,6 +271,7 @@ impl App {
             auth,
             signer,
             drain,
+            limits,
             health,
             routes,
         } = self;
@@ -246,15 +280,34 @@ impl App {
             let _ = rx.wait_for(|stop| *stop).await;
         };
 
-        let grpc_server = tokio::spawn(
-            server::server(ObserveLayer(metrics.clone()), drain.clone(), auth.clone())
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(
-                    // Small responses must not wait for Nagle's algorithm.
-                    TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                    stop_signal(stopped.clone()),
-                ),
-        );
+        let router = server::server(
+            ObserveLayer(metrics.clone()),
+            drain.clone(),
+            LimitLayer(limits),
+            auth.clone(),
+        )
+        .add_routes(routes);
+        let grpc_server = match &tls {
+            Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(
+                tls.clone().incoming(grpc),
+                stop_signal(stopped.clone()),
+            )),
+            None => tokio::spawn(router.serve_with_incoming_shutdown(
+                // Small responses must not wait for Nagle's algorithm.
+                TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                stop_signal(stopped.clone()),
+            )),
+        };
+        let health_server = health_only.map(|(listener, service)| {
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(
+                        TcpIncoming::from(listener).with_nodelay(Some(true)),
+                        stop_signal(stopped.clone()),
+                    ),
+            )
+        });
         let http_server = tokio::spawn(
             axum::serve(http, http::router(ledger.clone(), drain.clone(), metrics.clone()))
                 .with_graceful_shutdown(stop_signal(stopped.clone()))
@@ -275,6 +328,7 @@ impl App {
         let reloader = tokio::spawn(reload_on_sighup(
             auth.auth.clone(),
             config.governance_config.clone(),
+            tls.clone(),
             ledger.clone(),
         ));
         let checkpointer = {
@@ -304,7 +358,13 @@ impl App {
             })
         };
         server::set_health(&health, ServingStatus::Serving).await;
-        tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "brain-ops serving");
+        tracing::info!(
+            grpc = %grpc_addr,
+            metrics = %metrics_addr,
+            tls = tls.as_ref().map_or("off", |t| if t.mutual() { "mutual" } else { "on" }),
+            health = ?health_addr,
+            "brain-ops serving"
+        );
 
         shutdown.await;
         tracing::info!("shutting down: draining calls in flight");
@@ -318,6 +378,9 @@ impl App {
         let grace = Duration::from_secs(2);
         let grpc_result = tokio::time::timeout(grace, grpc_server).await;
         let http_result = tokio::time::timeout(grace, http_server).await;
+        if let Some(health_server) = health_server {
+            let _ = tokio::time::timeout(grace, health_server).await;
+        }
         flusher.abort();
         reloader.abort();
         sizer.abort();
@@ -396,6 +459,7 @@ fn record_governance(
 async fn reload_on_sighup(
     auth: Arc<Authenticator>,
     governance: Option<std::path::PathBuf>,
+    tls: Option<Arc<Tls>>,
     ledger: Ledger,
 ) {
     #[cfg(unix)]
@@ -408,6 +472,9 @@ async fn reload_on_sighup(
         while hangups.recv().await.is_some() {
             if let Some(path) = &governance {
                 reload_governance(path, &ledger).await;
+            }
+            if let Some(tls) = &tls {
+                reload_tls(tls, &ledger).await;
             }
             if !auth.is_on() {
                 tracing::info!("SIGHUP: no principals file to reload");
@@ -436,7 +503,30 @@ async fn reload_on_sighup(
         }
     }
     #[cfg(not(unix))]
-    let _ = (auth, governance, ledger);
+    let _ = (auth, governance, tls, ledger);
+}
+
+/// Rereads the certificate, key and client CA; new connections use them, open ones keep theirs.
+async fn reload_tls(tls: &Tls, ledger: &Ledger) {
+    let draft = match tls.reload() {
+        Ok(digest) => {
+            tracing::info!(files_sha256 = %digest, "TLS certificate reloaded");
+            Draft::new("system.tls_reloaded", safe_mode::SERVICE_PRINCIPAL)
+                .reason("SIGHUP: the TLS certificate, key and client CA were reloaded")
+                .meta("files_sha256", digest)
+        }
+        Err(error) => {
+            tracing::error!(%error, "TLS reload rejected; the certificate in force stays");
+            Draft::new("system.tls_reload_failed", safe_mode::SERVICE_PRINCIPAL)
+                .severity(Severity::Warning)
+                .failed()
+                .reason("SIGHUP: the TLS files were rejected; the certificate in force stays")
+                .meta("error", crate::ledger::record::truncate_utf8(error.to_string(), 1000))
+        }
+    };
+    if let Err(error) = ledger.append(vec![draft]).await {
+        tracing::error!(%error, "could not record the TLS reload");
+    }
 }
 
 async fn reload_governance(path: &std::path::Path, ledger: &Ledger) {

@@ -10,11 +10,12 @@ mod overrides;
 mod safe_mode;
 mod token;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::ServeArgs;
 
@@ -107,6 +108,15 @@ pub struct ClientArgs {
     /// Deadline for each call.
     #[arg(long, default_value = "10", global = true)]
     pub timeout_seconds: u64,
+    /// CA certificate (PEM) that the server's certificate must chain to; turns on TLS.
+    #[arg(long, env = "BRAIN_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; needs --key.
+    #[arg(long, env = "BRAIN_CERT", global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, env = "BRAIN_KEY", global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -156,16 +166,24 @@ impl ClientArgs {
 
     /// Connects to the server; a streaming connection has no per-call deadline.
     pub async fn connect_with(&self, streaming: bool) -> Result<(Channel, Bearer), Failure> {
-        let server = if self.server.contains("://") {
-            self.server.clone()
-        } else {
-            format!("http://{}", self.server)
+        let tls = self.ca.is_some() || self.cert.is_some();
+        let server = match self.server.split_once("://") {
+            // With TLS material the scheme follows it: an http:// address gets https.
+            Some(("http", rest)) if tls => format!("https://{rest}"),
+            Some(_) => self.server.clone(),
+            None if tls => format!("https://{}", self.server),
+            None => format!("http://{}", self.server),
         };
         let usage = |message: String| Failure { code: exit::USAGE, message };
         let timeout = Duration::from_secs(self.timeout_seconds.max(1));
         let mut endpoint = Endpoint::from_shared(server.clone())
             .map_err(|e| usage(format!("--server / BRAIN_SERVER {server:?}: {e}")))?
             .connect_timeout(timeout);
+        if server.starts_with("https://") {
+            endpoint = endpoint
+                .tls_config(self.tls_config()?)
+                .map_err(|e| usage(format!("the TLS settings cannot be used: {e}")))?;
+        }
         if !streaming {
             endpoint = endpoint.timeout(timeout);
         }
@@ -182,6 +200,31 @@ impl ClientArgs {
             ),
         };
         Ok((channel, Bearer(bearer)))
+    }
+}
+
+impl ClientArgs {
+    /// TLS for the connection: the CA that vouches for the server and, for mutual TLS, this
+    /// client's certificate.
+    fn tls_config(&self) -> Result<ClientTlsConfig, Failure> {
+        let read = |setting: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| Failure {
+                code: exit::USAGE,
+                message: format!("{setting}: cannot read {}: {e}", path.display()),
+            })
+        };
+        let ca = self.ca.as_ref().ok_or_else(|| Failure {
+            code: exit::USAGE,
+            message: "an https:// server needs --ca / BRAIN_CA, the CA certificate that signed it"
+                .into(),
+        })?;
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--ca", ca)?));
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            config =
+                config.identity(Identity::from_pem(read("--cert", cert)?, read("--key", key)?));
+        }
+        Ok(config)
     }
 }
 

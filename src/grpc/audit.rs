@@ -1,21 +1,25 @@
 //! AuditService over gRPC.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 use super::convert::draft_from_event;
 use super::principal;
 use crate::audit::{AuditError, AuditLog, ListQuery, MAX_BATCH_RECORDS};
+use crate::limits::Limits;
 use crate::pb;
 
 /// The AuditService adapter.
 #[derive(Clone, Debug)]
 pub struct AuditApi {
     log: AuditLog,
+    limits: Arc<Limits>,
 }
 
 impl AuditApi {
-    pub fn new(log: AuditLog) -> AuditApi {
-        AuditApi { log }
+    pub fn new(log: AuditLog, limits: Arc<Limits>) -> AuditApi {
+        AuditApi { log, limits }
     }
 }
 
@@ -26,6 +30,7 @@ impl pb::audit_service_server::AuditService for AuditApi {
         request: Request<pb::RecordRequest>,
     ) -> Result<Response<pb::RecordResponse>, Status> {
         let source = principal(&request);
+        self.limits.take_ingest(&source, 1)?;
         let request = request.into_inner();
         let draft = draft_from_event(request.event, request.idempotency_key, &source)
             .map_err(|invalid| AuditError::Invalid { index: None, invalid })?;
@@ -51,6 +56,7 @@ impl pb::audit_service_server::AuditService for AuditApi {
                 records.len()
             )));
         }
+        self.limits.take_ingest(&source, records.len())?;
         let drafts = records
             .into_iter()
             .enumerate()

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use tonic::Status;
 use tonic::codegen::http;
-use tonic::transport::server::TcpConnectInfo;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::auth::{Authenticator, DenialRecorder, Refusal, is_open};
 
@@ -70,15 +70,25 @@ where
         if is_open(&path) {
             return Box::pin(self.inner.call(request));
         }
+        let tls = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+        // Only a verified certificate reaches here: the handshake checked it against the
+        // client CA, or, without one, asked for none.
+        let identities = tls
+            .and_then(|t| t.peer_certs())
+            .and_then(|certs| certs.first().map(|leaf| crate::tls::identities(leaf)))
+            .unwrap_or_default();
         let header = request.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
-        match self.layer.auth.check(header, &path) {
+        match self.layer.auth.check(header, &identities, &path) {
             Ok(principal) => {
                 request.extensions_mut().insert(principal);
                 Box::pin(self.inner.call(request))
             }
             Err(refusal) => {
-                let peer =
-                    request.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr());
+                let peer = request
+                    .extensions()
+                    .get::<TcpConnectInfo>()
+                    .or_else(|| tls.map(|t| t.get_ref()))
+                    .and_then(|i| i.remote_addr());
                 let denials = self.layer.denials.clone();
                 Box::pin(async move {
                     denials.record(&refusal, &path, peer).await;

@@ -11,6 +11,7 @@ use super::convert::micros_from_pb;
 use crate::evidence::keys::Signer;
 use crate::evidence::pack::{self, ExportRequest, PackError, Scope};
 use crate::ledger::Ledger;
+use crate::limits::Limits;
 use crate::pb;
 
 /// Largest pack `VerifyStream` accepts.
@@ -22,11 +23,12 @@ pub const MAX_UNARY_PACK_BYTES: usize = 4 * 1024 * 1024;
 pub struct EvidenceApi {
     ledger: Ledger,
     signer: Arc<Signer>,
+    limits: Arc<Limits>,
 }
 
 impl EvidenceApi {
-    pub fn new(ledger: Ledger, signer: Arc<Signer>) -> EvidenceApi {
-        EvidenceApi { ledger, signer }
+    pub fn new(ledger: Ledger, signer: Arc<Signer>, limits: Arc<Limits>) -> EvidenceApi {
+        EvidenceApi { ledger, signer, limits }
     }
 
     /// The current key and the retired keys listed in the governance configuration in force.
@@ -152,6 +154,7 @@ impl pb::evidence_service_server::EvidenceService for EvidenceApi {
     ) -> Result<Response<pb::ExportResponse>, Status> {
         let principal = super::principal(&request);
         let export = export_request(request.get_ref())?;
+        let _job = self.limits.evidence_job()?;
         let (store, plan) = self.plan(export).await?;
         if plan.approx_bytes > MAX_UNARY_PACK_BYTES {
             return Err(Status::resource_exhausted(format!(
@@ -188,10 +191,13 @@ impl pb::evidence_service_server::EvidenceService for EvidenceApi {
             exclude_executor_summary: r.exclude_executor_summary,
             as_of_seq: r.as_of_seq,
         })?;
+        let job = self.limits.evidence_job()?;
         let (store, plan) = self.plan(export).await?;
         let signer = self.signer.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
+            // Held until the pack is written or the client goes away.
+            let _job = job;
             let mut chunk = Vec::with_capacity(STREAM_CHUNK_BYTES);
             let send = |chunk: &mut Vec<u8>| {
                 let data = std::mem::replace(chunk, Vec::with_capacity(STREAM_CHUNK_BYTES));
@@ -217,6 +223,7 @@ impl pb::evidence_service_server::EvidenceService for EvidenceApi {
         &self,
         request: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let _job = self.limits.evidence_job()?;
         Ok(Response::new(self.verdict(request.into_inner().pack_json).await?))
     }
 
@@ -224,6 +231,7 @@ impl pb::evidence_service_server::EvidenceService for EvidenceApi {
         &self,
         request: Request<tonic::Streaming<pb::VerifyStreamRequest>>,
     ) -> Result<Response<pb::VerifyStreamResponse>, Status> {
+        let _job = self.limits.evidence_job()?;
         let mut chunks = request.into_inner();
         let mut file = Vec::new();
         while let Some(chunk) = chunks.message().await? {

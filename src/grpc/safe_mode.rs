@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use super::convert::{kind_from_pb, micros_to_pb};
 use super::principal;
 use crate::drain::Drain;
+use crate::limits::Limits;
 use crate::pb;
 use crate::safe_mode::SafeModeControl;
 use crate::state::SafeMode;
@@ -24,6 +25,7 @@ pub struct SafeModeApi {
     drain: Arc<Drain>,
     /// Live `Watch` streams, for the metrics.
     streams: Arc<AtomicI64>,
+    limits: Arc<Limits>,
 }
 
 impl SafeModeApi {
@@ -32,8 +34,9 @@ impl SafeModeApi {
         heartbeat: Duration,
         drain: Arc<Drain>,
         streams: Arc<AtomicI64>,
+        limits: Arc<Limits>,
     ) -> SafeModeApi {
-        SafeModeApi { control, heartbeat, drain, streams }
+        SafeModeApi { control, heartbeat, drain, streams, limits }
     }
 }
 
@@ -93,8 +96,9 @@ impl pb::safe_mode_service_server::SafeModeService for SafeModeApi {
 
     async fn watch(
         &self,
-        _request: Request<pb::WatchRequest>,
+        request: Request<pb::WatchRequest>,
     ) -> Result<Response<BoxStream<pb::WatchResponse>>, Status> {
+        let slot = self.limits.watch_slot(&principal(&request))?;
         let mut states = self.control.subscribe();
         let heartbeat = self.heartbeat;
         let drain = self.drain.started();
@@ -112,6 +116,7 @@ impl pb::safe_mode_service_server::SafeModeService for SafeModeApi {
                 }
             }
             let _live = Live(streams);
+            let _slot = slot;
             tokio::pin!(drain);
             let mut last = states.borrow_and_update().safe_mode.clone();
             let mut ticker =

@@ -15,6 +15,11 @@ use std::time::Duration;
 /// sled never fsyncs, so it must be large enough for any record and any rewritten leaf.
 const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
 const EVENTS_TREE: &str = "events";
+/// Records per sled batch. sled 0.34 keeps far more memory after large batches than the data
+/// they hold (measured with `examples/sled_residency.rs`: 100,000 records of 600 bytes in
+/// batches of 100 leave 23 MiB resident, in batches of 1,000 leave 244 MiB), so a group commit
+/// is applied in chunks of this size and made durable once.
+const APPLY_CHUNK: usize = 256;
 
 /// A storage failure. Nothing in the batch that met it may be acknowledged.
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +57,9 @@ pub trait Storage: Send + Sync + 'static {
         to: u64,
         visit: &mut dyn FnMut(u64, &[u8]) -> ControlFlow<()>,
     ) -> Result<(), StorageError>;
-    /// Stores a batch atomically and durably: when this returns `Ok`, the records survive a
-    /// crash or power loss.
+    /// Stores a batch durably: when this returns `Ok`, the records survive a crash or power
+    /// loss. A crash before it returns may leave a prefix of the batch stored (never a gap);
+    /// none of it was acknowledged.
     fn append(&self, records: &[(u64, &[u8])]) -> Result<(), StorageError>;
     /// Removes every record after `seq`, durably.
     fn truncate_after(&self, seq: u64) -> Result<(), StorageError>;
@@ -268,11 +274,13 @@ impl Storage for SledStore {
             return Err(StorageError::Io(std::io::Error::other("injected append failure")));
         }
         self.with_open(|open| {
-            let mut batch = sled::Batch::default();
-            for (seq, bytes) in records {
-                batch.insert(&key(*seq), *bytes);
+            for chunk in records.chunks(APPLY_CHUNK) {
+                let mut batch = sled::Batch::default();
+                for (seq, bytes) in chunk {
+                    batch.insert(&key(*seq), *bytes);
+                }
+                open.events.apply_batch(batch)?;
             }
-            open.events.apply_batch(batch)?;
             self.sync(open)
         })
     }

@@ -44,7 +44,7 @@ async fn populate(dir: &std::path::Path) {
 }
 
 /// Resident set size of a process in bytes (Linux).
-fn rss_bytes(pid: u32) -> u64 {
+pub fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     let kib = status
         .lines()

@@ -20,6 +20,8 @@ use tonic::transport::Channel;
 pub struct TestApp {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The plaintext health-only port, when configured.
+    pub health_addr: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub ledger: Ledger,
     pub faults: Arc<Faults>,
@@ -56,20 +58,25 @@ pub async fn spawn_app_in(data_dir: &Path, configure: impl FnOnce(&mut Config)) 
     config.faults = faults.clone();
     config.clock = clock.clone();
     configure(&mut config);
+    let tls = config.tls.is_some();
     let app = App::build(config).await.expect("the app builds");
     let (grpc_addr, metrics_addr, ledger) = (app.grpc_addr(), app.metrics_addr(), app.ledger());
+    let health_addr = app.health_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
     }));
-    let channel = Channel::from_shared(format!("http://{grpc_addr}"))
-        .expect("valid uri")
-        .connect()
-        .await
-        .expect("the server accepts connections once bound");
+    let endpoint = Channel::from_shared(format!("http://{grpc_addr}")).expect("valid uri");
+    // With TLS on, a plaintext channel cannot connect; tests make their own.
+    let channel = if tls {
+        endpoint.connect_lazy()
+    } else {
+        endpoint.connect().await.expect("the server accepts connections once bound")
+    };
     TestApp {
         grpc_addr,
         metrics_addr,
+        health_addr,
         data_dir: data_dir.to_owned(),
         ledger,
         faults,
