@@ -105,10 +105,6 @@ impl Limits {
         })
     }
 
-    pub fn settings(&self) -> &LimitSettings {
-        &self.settings
-    }
-
     /// A place for one call on `path`, or RESOURCE_EXHAUSTED when its pool is full.
     fn admit(&self, path: &str) -> Result<OwnedSemaphorePermit, Status> {
         let (pool, size, name) =

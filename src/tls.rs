@@ -23,6 +23,8 @@ use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::config::ConfigError;
+
 /// Handshakes in progress at once; more connections wait in the kernel's backlog.
 const MAX_HANDSHAKES: usize = 256;
 /// A client that has not finished its handshake by then is dropped.
@@ -39,16 +41,11 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
-/// TLS material that cannot be used. The message names the setting.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid setting {setting}: {message}")]
-pub struct TlsError {
-    pub setting: &'static str,
-    pub message: String,
-}
+/// TLS material that cannot be used names its setting, like any other configuration error.
+pub type TlsError = ConfigError;
 
 fn error(setting: &'static str, message: impl Into<String>) -> TlsError {
-    TlsError { setting, message: message.into() }
+    ConfigError { setting, message: message.into() }
 }
 
 const CERT: &str = "--tls-cert / BRAIN_TLS_CERT";
@@ -60,41 +57,25 @@ const CLIENT_CA: &str = "--tls-client-ca / BRAIN_TLS_CLIENT_CA";
 pub struct Tls {
     files: TlsFiles,
     config: ArcSwap<ServerConfig>,
-    /// SHA-256 over the files' bytes, for the audit trail of reloads.
-    digest: ArcSwap<String>,
 }
 
 impl Tls {
     /// Loads and checks the files.
     pub fn load(files: TlsFiles) -> Result<Tls, TlsError> {
-        let (config, digest) = server_config(&files)?;
-        Ok(Tls {
-            files,
-            config: ArcSwap::from_pointee(config),
-            digest: ArcSwap::from_pointee(digest),
-        })
+        let (config, _) = server_config(&files)?;
+        Ok(Tls { files, config: ArcSwap::from_pointee(config) })
     }
 
     /// Reads the files again; on any error the configuration in force stays. Returns the
-    /// digest of the files now in force.
+    /// SHA-256 over the bytes of the files now in force, for the audit trail.
     pub fn reload(&self) -> Result<String, TlsError> {
         let (config, digest) = server_config(&self.files)?;
         self.config.store(Arc::new(config));
-        self.digest.store(Arc::new(digest.clone()));
         Ok(digest)
-    }
-
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
     }
 
     pub fn mutual(&self) -> bool {
         self.files.client_ca.is_some()
-    }
-
-    /// SHA-256 over the bytes of the files in force.
-    pub fn digest(&self) -> String {
-        self.digest.load().as_ref().clone()
     }
 
     /// Accepts TCP connections on `listener` and yields those whose handshake succeeds, for
