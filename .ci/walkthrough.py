@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Runs the README's walkthrough against a live `brain-ops serve` and checks every output.
+"""Runs the walkthrough steps of the README and of docs/INCIDENT_SIMULATION.md against a live
+`brain-ops serve` and checks every output.
 
 Steps run in one scratch directory, in order, each in its own bash; a step that starts a
 background server writes its pid to `<name>.pid` there, and the server is stopped at the end.
@@ -119,16 +120,19 @@ def main():
         evidence = open(os.path.join(ROOT, "docs", "EVIDENCE.md")).read()
         for name, body in re.findall(r"^```python ([\w.]+)\n(.*?)^```", evidence, re.S | re.M):
             open(os.path.join(data, name), "w").write(body)
-        readme = open(os.path.join(ROOT, "README.md")).read()
         count = 0
-        for command, kind, expected in steps(readme):
-            result = subprocess.run(
-                ["bash", "-c", command], env=env, cwd=data, capture_output=True, text=True, timeout=60
-            )
-            check(command, kind, expected, result.stdout + result.stderr)
-            count += 1
+        # The README's steps, then the recovery steps and drills of the incident scenarios.
+        for document in ["README.md", os.path.join("docs", "INCIDENT_SIMULATION.md")]:
+            text = open(os.path.join(ROOT, document)).read()
+            for command, kind, expected in steps(text):
+                result = subprocess.run(
+                    ["bash", "-c", command], env=env, cwd=data, capture_output=True, text=True,
+                    timeout=180,
+                )
+                check(command, kind, expected, result.stdout + result.stderr)
+                count += 1
         if count == 0:
-            sys.exit("the README has no walkthrough steps")
+            sys.exit("the documents have no walkthrough steps")
         # The live scrape, after the walkthrough has exercised the service, must lint clean.
         if shutil.which("promtool"):
             scrape = urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=5).read()

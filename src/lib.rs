@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod drain;
+pub mod drill;
 pub mod evidence;
 #[doc(hidden)]
 pub mod fuzzing;

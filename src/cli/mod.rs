@@ -3,6 +3,7 @@
 //! `-o human|json` and `--timeout-seconds`, and exits with one of the codes in [`exit`].
 
 mod audit;
+mod drill;
 mod evidence;
 mod keygen;
 mod metrics;
@@ -77,6 +78,13 @@ pub enum Command {
         #[command(subcommand)]
         command: overrides::OverrideCommand,
     },
+    /// Run incident drills against a deployment, or against a scratch server (--local).
+    Drill {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: drill::DrillCommand,
+    },
     /// Make an Ed25519 key pair for signing evidence packs (offline).
     Keygen(keygen::KeygenArgs),
     /// Make bearer tokens for the principals file (offline).
@@ -149,6 +157,16 @@ impl From<Status> for Failure {
 #[derive(Clone, Debug)]
 pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
+impl Bearer {
+    /// The header for `token`; `None` when the token holds characters a header cannot carry.
+    pub fn new(token: Option<&str>) -> Option<Bearer> {
+        match token {
+            None => Some(Bearer(None)),
+            Some(token) => format!("Bearer {token}").parse().ok().map(|v| Bearer(Some(v))),
+        }
+    }
+}
+
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
         if let Some(value) = &self.0 {
@@ -191,15 +209,9 @@ impl ClientArgs {
             code: exit::UNAVAILABLE,
             message: format!("cannot reach {server}: {e}"),
         })?;
-        let bearer = match &self.token {
-            None => None,
-            Some(token) => Some(
-                format!("Bearer {token}")
-                    .parse()
-                    .map_err(|_| usage("--token / BRAIN_TOKEN holds invalid characters".into()))?,
-            ),
-        };
-        Ok((channel, Bearer(bearer)))
+        let bearer = Bearer::new(self.token.as_deref())
+            .ok_or_else(|| usage("--token / BRAIN_TOKEN holds invalid characters".into()))?;
+        Ok((channel, bearer))
     }
 }
 
@@ -239,6 +251,7 @@ pub async fn run_client(command: Command) -> u8 {
         Command::Evidence { client, command } => evidence::run(&client, command).await,
         Command::Metrics { client, command } => metrics::run(&client, command).await,
         Command::Override { client, command } => overrides::run(&client, command).await,
+        Command::Drill { client, command } => drill::run(&client, command).await,
     };
     match result {
         Ok(code) => code,

@@ -35,6 +35,10 @@ const MAX_COMMANDS_PER_BATCH: usize = 1024;
 const QUEUE_DEPTH: usize = 4096;
 /// How often a failed store is recovered.
 const RECOVERY_INTERVAL: Duration = Duration::from_millis(500);
+/// The writer's niceness. Ingestion floods make it the busiest thread in the process; running it
+/// a few steps below the request workers lets those answer `CheckOperation` first when the cores
+/// are saturated, while it still gets most of any idle CPU.
+const WRITER_NICENESS: i32 = 10;
 
 /// Decides, against the pending state, which events to append.
 pub type Decider = Box<dyn FnOnce(&State) -> Decision + Send>;
@@ -152,6 +156,7 @@ pub(super) fn spawn(
     let thread = std::thread::Builder::new()
         .name("ledger-writer".into())
         .spawn(move || {
+            yield_cpu_to_request_workers();
             let outcome =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(queue)));
             if let Err(panic) = outcome {
@@ -160,6 +165,18 @@ pub(super) fn spawn(
         })
         .expect("the OS can start the ledger writer thread");
     Spawned { commands, state: state_rx, durable: durable_rx, health: health_rx, thread, keys }
+}
+
+/// Lowers this thread's CPU priority to [`WRITER_NICENESS`]. On Linux a thread id names one
+/// thread, so the request workers keep theirs. Failure is logged, not fatal: the service stays
+/// correct, only less favourable to the kill switch under saturation.
+fn yield_cpu_to_request_workers() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) =
+        rustix::process::setpriority_process(Some(rustix::thread::gettid()), WRITER_NICENESS)
+    {
+        tracing::warn!(error = %e, "could not lower the ledger writer's CPU priority");
+    }
 }
 
 impl Writer {

@@ -7,6 +7,7 @@ mod checkpoint;
 mod cli;
 mod config;
 mod crash;
+mod drills;
 mod evidence;
 mod export_memory;
 mod fuzz_corpus;
