@@ -1,0 +1,453 @@
+//! The performance suite (docs/PERFORMANCE.md): runs `brain-ops serve` as a separate process,
+//! drives it with one closed-loop load generator, and reports medians over repeated runs beside
+//! two floors measured in the same run on the same machine:
+//!
+//! - the *tonic floor*: a bare tonic server (this binary, `floor-server`) whose `CheckOperation`
+//!   handler does nothing, driven by the same generator at the same concurrency;
+//! - the *storage floor*: raw sled inserts of the same record sizes in the same batch shapes and
+//!   writer counts, each batch flushed and fsynced, with no gRPC, hashing or validation.
+//!
+//! ```sh
+//! cargo build --release --examples
+//! target/release/examples/bench                 # every scenario, 5 runs each
+//! target/release/examples/bench --smoke         # seconds: proves the suite works (CI)
+//! target/release/examples/bench --only p1,p4    # some scenarios
+//! ```
+//!
+//! No figure is asserted: the suite measures, docs/PERFORMANCE.md records and compares.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use brain_ops::pb;
+use brain_ops::pb::audit_service_client::AuditServiceClient;
+use brain_ops::pb::safe_mode_service_client::SafeModeServiceClient;
+use clap::Parser;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Runs per scenario; medians are reported.
+    #[arg(long, default_value = "5")]
+    repeats: usize,
+    /// Seconds of load per run.
+    #[arg(long, default_value = "5")]
+    seconds: f64,
+    /// A second of load and one run per scenario: proves the suite works, measures nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Scenarios to run (comma-separated: p1, p1b, p3, p4, p10); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// The server binary.
+    #[arg(long, default_value = "target/release/brain-ops")]
+    bin: PathBuf,
+    /// Internal: serve the tonic floor on 127.0.0.1:0 and print the address.
+    #[arg(long, hide = true)]
+    floor_server: bool,
+}
+
+/// About 400 bytes per stored record, as the targets assume.
+const REASON_BYTES: usize = 230;
+const RECORD_BYTES: usize = 400;
+
+fn main() {
+    let mut args = Args::parse();
+    if args.floor_server {
+        return floor::serve();
+    }
+    if args.smoke {
+        args.repeats = 1;
+        args.seconds = 1.0;
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(suite(args));
+}
+
+async fn suite(args: Args) {
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    println!("machine: {}", machine());
+    println!("{} run(s) of {:.1} s per scenario; medians\n", args.repeats, args.seconds);
+    let load = Duration::from_secs_f64(args.seconds);
+    if wanted("p1") {
+        compare_check(&args, "P1 CheckOperation allowed, 64 in flight", false, load).await;
+    }
+    if wanted("p1b") {
+        compare_check(&args, "P1b CheckOperation blocked, 64 in flight", true, load).await;
+    }
+    if wanted("p3") {
+        let mut runs = Vec::new();
+        for _ in 0..args.repeats {
+            let server = Server::start(&args.bin);
+            runs.push(drive(server.grpc, 128, 128, load, record_call).await);
+        }
+        report("P3 Record single events, 128 clients, durable", &runs, None, "events");
+    }
+    if wanted("p4") {
+        let (mut runs, mut floors) = (Vec::new(), Vec::new());
+        for _ in 0..args.repeats {
+            let dir = tempfile::TempDir::new().expect("temp dir");
+            floors.push(storage_floor(dir.path(), 16, 100, load));
+            let server = Server::start(&args.bin);
+            let mut run = drive(server.grpc, 16, 16, load, batch_call).await;
+            run.per_second *= 100.0;
+            runs.push(run);
+        }
+        report("P4 RecordBatch of 100, 16 clients, durable", &runs, Some(&floors), "events");
+    }
+    if wanted("p10") {
+        let server = Server::start(&args.bin);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        println!("P10 RSS after start, empty ledger: {:.1} MiB\n", server.rss_mib());
+    }
+}
+
+/// P1/P1b: brain-ops against the tonic floor, alternating, same generator and concurrency.
+async fn compare_check(args: &Args, title: &str, blocked: bool, load: Duration) {
+    let (mut runs, mut floors) = (Vec::new(), Vec::new());
+    for _ in 0..args.repeats {
+        let floor = floor::Floor::start();
+        floors.push(drive(floor.addr, 64, 4, load, check_call).await);
+        drop(floor);
+        let server = Server::start(&args.bin);
+        if blocked {
+            let channel = endpoint(server.grpc).connect().await.expect("connects");
+            let mut client = SafeModeServiceClient::new(channel);
+            let reason = "benchmark: blocked CheckOperation".to_owned();
+            client.enable(pb::EnableRequest { reason }).await.expect("Enable");
+        }
+        runs.push(drive(server.grpc, 64, 4, load, check_call).await);
+    }
+    report(title, &runs, Some(&floors), "calls");
+}
+
+/// One closed-loop run's result.
+#[derive(Clone, Debug, Default)]
+struct Run {
+    per_second: f64,
+    p50: Duration,
+    p99: Duration,
+    errors: u64,
+}
+
+type BoxCall = std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::Status>> + Send>>;
+type Call = fn(Channel, u64) -> BoxCall;
+
+fn check_call(channel: Channel, _n: u64) -> BoxCall {
+    Box::pin(async move {
+        let request = pb::CheckOperationRequest {
+            kind: pb::OperationKind::Execution.into(),
+            operation: "bench".into(),
+        };
+        SafeModeServiceClient::new(channel).check_operation(request).await.map(drop)
+    })
+}
+
+fn event(n: u64) -> pb::Event {
+    pb::Event {
+        event_type: "factory.step_completed".into(),
+        reason: format!("{n:0>REASON_BYTES$}"),
+        ..Default::default()
+    }
+}
+
+fn record_call(channel: Channel, n: u64) -> BoxCall {
+    Box::pin(async move {
+        let request = pb::RecordRequest { event: Some(event(n)), idempotency_key: String::new() };
+        AuditServiceClient::new(channel).record(request).await.map(drop)
+    })
+}
+
+fn batch_call(channel: Channel, n: u64) -> BoxCall {
+    Box::pin(async move {
+        let records = (0..100)
+            .map(|i| pb::BatchRecord {
+                event: Some(event(n * 100 + i)),
+                idempotency_key: String::new(),
+            })
+            .collect();
+        AuditServiceClient::new(channel)
+            .record_batch(pb::RecordBatchRequest { records })
+            .await
+            .map(drop)
+    })
+}
+
+/// `in_flight` workers call back to back over `connections` HTTP/2 connections for `load`.
+async fn drive(
+    addr: SocketAddr,
+    in_flight: usize,
+    connections: usize,
+    load: Duration,
+    call: Call,
+) -> Run {
+    let endpoint = endpoint(addr);
+    let mut channels = Vec::new();
+    while channels.len() < connections {
+        channels.push(endpoint.connect().await.expect("connects"));
+    }
+    // A short warm-up, not measured.
+    let warm = Instant::now() + Duration::from_millis(200);
+    let started = Instant::now() + Duration::from_millis(200);
+    let until = started + load;
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..in_flight {
+        let channel = channels[w % channels.len()].clone();
+        workers.spawn(async move {
+            let (mut latencies, mut errors) = (Vec::new(), 0u64);
+            let mut n = (w as u64) << 40;
+            while Instant::now() < warm {
+                let _ = call(channel.clone(), n).await;
+                n += 1;
+            }
+            while Instant::now() < until {
+                let sent = Instant::now();
+                match call(channel.clone(), n).await {
+                    Ok(()) => latencies.push(sent.elapsed()),
+                    Err(_) => errors += 1,
+                }
+                n += 1;
+            }
+            (latencies, errors)
+        });
+    }
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    while let Some(done) = workers.join_next().await {
+        let (l, e) = done.expect("worker");
+        latencies.extend(l);
+        errors += e;
+    }
+    latencies.sort();
+    let at = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p) as usize).copied();
+    Run {
+        per_second: latencies.len() as f64 / load.as_secs_f64(),
+        p50: at(0.5).unwrap_or_default(),
+        p99: at(0.99).unwrap_or_default(),
+        errors,
+    }
+}
+
+fn endpoint(addr: SocketAddr) -> Endpoint {
+    Endpoint::from_shared(format!("http://{addr}")).expect("uri")
+}
+
+/// `writers` threads each append batches of `batch` records to one sled tree, flushing and
+/// fsyncing after every batch, for `load`; returns records per second.
+fn storage_floor(dir: &Path, writers: usize, batch: u64, load: Duration) -> Run {
+    let db = sled::Config::new()
+        .path(dir)
+        // As the ledger store: an 8 MiB segment, an explicit cache, no background flusher.
+        .segment_size(8 << 20)
+        .cache_capacity(64 << 20)
+        .mode(sled::Mode::HighThroughput)
+        .flush_every_ms(None)
+        .open()
+        .expect("sled opens");
+    let tree = db.open_tree("events").expect("tree");
+    let log = Arc::new(std::fs::File::options().write(true).open(dir.join("db")).expect("log"));
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let value = vec![b'x'; RECORD_BYTES];
+    let until = Instant::now() + load;
+    let handles: Vec<_> = (0..writers)
+        .map(|_| {
+            let (db, tree, log, next, value) =
+                (db.clone(), tree.clone(), log.clone(), next.clone(), value.clone());
+            std::thread::spawn(move || {
+                let mut latencies = Vec::new();
+                while Instant::now() < until {
+                    let sent = Instant::now();
+                    let first = next.fetch_add(batch, std::sync::atomic::Ordering::Relaxed);
+                    let mut writes = sled::Batch::default();
+                    for seq in first..first + batch {
+                        writes.insert(&seq.to_be_bytes(), value.as_slice());
+                    }
+                    tree.apply_batch(writes).expect("insert");
+                    db.flush().expect("flush");
+                    log.sync_data().expect("fsync");
+                    latencies.push(sent.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies: Vec<Duration> =
+        handles.into_iter().flat_map(|h| h.join().expect("writer")).collect();
+    latencies.sort();
+    let at = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p) as usize).copied();
+    Run {
+        per_second: latencies.len() as f64 * batch as f64 / load.as_secs_f64(),
+        p50: at(0.5).unwrap_or_default(),
+        p99: at(0.99).unwrap_or_default(),
+        errors: 0,
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn report(title: &str, runs: &[Run], floors: Option<&[Run]>, unit: &str) {
+    let rate = median(runs.iter().map(|r| r.per_second).collect());
+    let p50 = median(runs.iter().map(|r| r.p50.as_secs_f64() * 1e3).collect());
+    let p99 = median(runs.iter().map(|r| r.p99.as_secs_f64() * 1e3).collect());
+    let errors: u64 = runs.iter().map(|r| r.errors).sum();
+    println!("{title}");
+    println!(
+        "  brain-ops  {rate:>10.0} {unit}/s  p50 {p50:>7.2} ms  p99 {p99:>7.2} ms  errors {errors}"
+    );
+    if let Some(floors) = floors {
+        let f_rate = median(floors.iter().map(|r| r.per_second).collect());
+        let f_p50 = median(floors.iter().map(|r| r.p50.as_secs_f64() * 1e3).collect());
+        let f_p99 = median(floors.iter().map(|r| r.p99.as_secs_f64() * 1e3).collect());
+        println!("  floor      {f_rate:>10.0} {unit}/s  p50 {f_p50:>7.2} ms  p99 {f_p99:>7.2} ms");
+        println!(
+            "  ratio      {:.2} x floor throughput, p99 {:.2} x floor p99",
+            rate / f_rate.max(f64::MIN_POSITIVE),
+            p99 / f_p99.max(f64::MIN_POSITIVE)
+        );
+    }
+    println!(
+        "  per run    {}",
+        runs.iter().map(|r| format!("{:.0}", r.per_second)).collect::<Vec<_>>().join(" ")
+    );
+    println!();
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpus} CPUs, {model}")
+}
+
+/// A `brain-ops serve` child on a scratch directory, killed on drop.
+struct Server {
+    child: std::process::Child,
+    grpc: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(bin: &Path) -> Server {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let mut child = std::process::Command::new(bin)
+            .arg("serve")
+            .env_clear()
+            .env("BRAIN_GRPC_ADDR", "127.0.0.1:0")
+            .env("BRAIN_METRICS_ADDR", "127.0.0.1:0")
+            .env("BRAIN_DATA_DIR", dir.path())
+            .env("BRAIN_LOG_FORMAT", "json")
+            // The bench measures throughput; the per-principal quota would cap it.
+            .env("BRAIN_INGEST_EVENTS_PER_SECOND", "0")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {}: {e} (cargo build --release)", bin.display())
+            });
+        let mut lines = std::io::BufReader::new(child.stderr.take().expect("piped")).lines();
+        let grpc = loop {
+            let line = lines.next().expect("the server logs until it serves").expect("a log line");
+            let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if entry["message"] == "brain-ops serving" {
+                break entry["grpc"].as_str().expect("address").parse().expect("address");
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Server { child, grpc, _dir: dir }
+    }
+
+    fn rss_mib(&self) -> f64 {
+        rss_mib(self.child.id())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// The tonic floor: the same service and request shape, a handler that does nothing.
+mod floor {
+    use super::*;
+    use brain_ops::pb::safe_mode_service_server::{SafeModeService, SafeModeServiceServer};
+
+    struct Empty;
+
+    #[tonic::async_trait]
+    impl SafeModeService for Empty {
+        async fn check_operation(
+            &self,
+            _: tonic::Request<pb::CheckOperationRequest>,
+        ) -> Result<tonic::Response<pb::CheckOperationResponse>, tonic::Status> {
+            Ok(tonic::Response::new(pb::CheckOperationResponse::default()))
+        }
+    }
+
+    /// Runs in its own process (this binary with `--floor-server`), as brain-ops does.
+    pub(super) fn serve() {
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+            println!("{}", listener.local_addr().expect("address"));
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tonic::transport::Server::builder()
+                .add_service(SafeModeServiceServer::new(Empty))
+                .serve_with_incoming(incoming)
+                .await
+                .expect("serves");
+        });
+    }
+
+    pub(super) struct Floor {
+        child: std::process::Child,
+        pub(super) addr: SocketAddr,
+    }
+
+    impl Floor {
+        pub(super) fn start() -> Floor {
+            let exe = std::env::current_exe().expect("this binary");
+            let mut child = std::process::Command::new(exe)
+                .arg("--floor-server")
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("the floor starts");
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().expect("piped"))
+                .read_line(&mut line)
+                .expect("the floor prints its address");
+            Floor { child, addr: line.trim().parse().expect("address") }
+        }
+    }
+
+    impl Drop for Floor {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
