@@ -39,7 +39,8 @@ struct Args {
     /// A second of load and one run per scenario: proves the suite works, measures nothing.
     #[arg(long)]
     smoke: bool,
-    /// Scenarios to run (comma-separated: p1, p1b, p3, p4, p10); all by default.
+    /// Scenarios to run (comma-separated: p1, p1b, p2, p3, p4, p5, p5b, p6 ... p10); all by
+    /// default. p6 to p10 share one large ledger.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The server binary.
@@ -98,11 +99,377 @@ async fn suite(args: Args) {
         }
         report("P4 RecordBatch of 100, 16 clients, durable", &runs, Some(&floors), "events");
     }
+    if wanted("p2") {
+        p2(&args, load).await;
+    }
+    if wanted("p5") {
+        p5(&args).await;
+    }
+    if wanted("p5b") {
+        p5b(&args, load).await;
+    }
     if wanted("p10") {
         let server = Server::start(&args.bin);
         tokio::time::sleep(Duration::from_millis(500)).await;
         println!("P10 RSS after start, empty ledger: {:.1} MiB\n", server.rss_mib());
     }
+    if ["p6", "p7", "p8", "p9", "p10"].iter().any(|p| wanted(p)) {
+        large_ledger(&args, load).await;
+    }
+}
+
+/// P2: `CheckOperation` at 64 in flight while 1,000 `Watch` streams are open and `Record` load
+/// runs at 5,000 events/s, against the tonic floor.
+async fn p2(args: &Args, load: Duration) {
+    let (mut runs, mut floors) = (Vec::new(), Vec::new());
+    for _ in 0..args.repeats {
+        let floor = floor::Floor::start();
+        floors.push(drive(floor.addr, 64, 4, load, check_call).await);
+        drop(floor);
+        let server = Server::start(&args.bin);
+        let watchers = watch_streams(server.grpc, 1000).await;
+        let until = Instant::now() + load + Duration::from_millis(400);
+        let recorder = tokio::spawn(paced_records(server.grpc, 5000, until));
+        runs.push(drive(server.grpc, 64, 4, load, check_call).await);
+        let recorded = recorder.await.expect("recorder");
+        println!("  (P2 run: {recorded} events recorded alongside, {} streams)", watchers.len());
+    }
+    report(
+        "P2 CheckOperation, 1,000 Watch streams, Record at 5,000/s",
+        &runs,
+        Some(&floors),
+        "calls",
+    );
+}
+
+/// Opens `n` `Watch` streams over 10 connections; each task forwards what its stream receives,
+/// stamped with the time it arrived.
+async fn watch_streams(
+    addr: SocketAddr,
+    n: usize,
+) -> Vec<tokio::sync::mpsc::UnboundedReceiver<(Instant, bool)>> {
+    let mut channels = Vec::new();
+    for _ in 0..10 {
+        channels.push(endpoint(addr).connect().await.expect("connects"));
+    }
+    let mut receivers = Vec::new();
+    for i in 0..n {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut client = SafeModeServiceClient::new(channels[i % channels.len()].clone());
+        let mut stream = client.watch(pb::WatchRequest {}).await.expect("Watch").into_inner();
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = stream.message().await {
+                if let Some(status) = message.status.filter(|_| !message.heartbeat)
+                    && tx.send((Instant::now(), status.enabled)).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        receivers.push(rx);
+    }
+    // Each stream's first message is the current status.
+    for rx in &mut receivers {
+        rx.recv().await.expect("the current status");
+    }
+    receivers
+}
+
+/// Records single events at `rate` per second until `until`; returns how many were stored.
+async fn paced_records(addr: SocketAddr, rate: u64, until: Instant) -> u64 {
+    let tasks = 50u64;
+    let mut set = tokio::task::JoinSet::new();
+    for t in 0..tasks {
+        let channel = endpoint(addr).connect_lazy();
+        set.spawn(async move {
+            let mut tick =
+                tokio::time::interval(Duration::from_secs_f64(tasks as f64 / rate as f64));
+            let mut stored = 0;
+            for n in (t << 40).. {
+                tick.tick().await;
+                if Instant::now() >= until {
+                    break;
+                }
+                stored += u64::from(record_call(channel.clone(), n).await.is_ok());
+            }
+            stored
+        });
+    }
+    let mut stored = 0;
+    while let Some(n) = set.join_next().await {
+        stored += n.expect("recorder");
+    }
+    stored
+}
+
+/// P5: `Enable` until every one of 1,000 `Watch` streams has the change (and `Disable` back),
+/// ten toggles per run.
+async fn p5(args: &Args) {
+    let mut runs = Vec::new();
+    for _ in 0..args.repeats {
+        let server = Server::start(&args.bin);
+        let mut watchers = watch_streams(server.grpc, 1000).await;
+        let mut client =
+            SafeModeServiceClient::new(endpoint(server.grpc).connect().await.expect("connects"));
+        let mut latencies = Vec::new();
+        for toggle in 0..if args.smoke { 2 } else { 10 } {
+            let enable = toggle % 2 == 0;
+            let sent = Instant::now();
+            let reason = "benchmark toggle".to_owned();
+            if enable {
+                client.enable(pb::EnableRequest { reason }).await.expect("Enable");
+            } else {
+                client.disable(pb::DisableRequest { reason }).await.expect("Disable");
+            }
+            for rx in &mut watchers {
+                loop {
+                    let (at, enabled) = rx.recv().await.expect("the stream runs");
+                    if enabled == enable {
+                        latencies.push(at - sent);
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        runs.push(summarise(latencies, Duration::from_secs(1)));
+    }
+    report("P5 Enable/Disable -> seen by each of 1,000 Watch streams", &runs, None, "deliveries");
+}
+
+/// P5b: `Enable`/`Disable` latency while P3's load (128 `Record` clients) runs.
+async fn p5b(args: &Args, load: Duration) {
+    let mut runs = Vec::new();
+    for _ in 0..args.repeats {
+        let server = Server::start(&args.bin);
+        let background = tokio::spawn(drive(server.grpc, 128, 128, load, record_call));
+        let mut client =
+            SafeModeServiceClient::new(endpoint(server.grpc).connect().await.expect("connects"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let until = Instant::now() + load.saturating_sub(Duration::from_millis(300));
+        let mut latencies = Vec::new();
+        let mut enable = true;
+        while Instant::now() < until {
+            let sent = Instant::now();
+            let reason = "benchmark toggle under load".to_owned();
+            let answer = if enable {
+                client.enable(pb::EnableRequest { reason }).await.map(drop)
+            } else {
+                client.disable(pb::DisableRequest { reason }).await.map(drop)
+            };
+            answer.expect("the kill switch answers");
+            latencies.push(sent.elapsed());
+            enable = !enable;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let records = background.await.expect("load");
+        println!("  (P5b run: Record at {:.0} events/s alongside)", records.per_second);
+        runs.push(summarise(latencies, load));
+    }
+    report("P5b Enable/Disable latency under P3 load", &runs, None, "toggles");
+}
+
+fn summarise(mut latencies: Vec<Duration>, over: Duration) -> Run {
+    latencies.sort();
+    let at = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p) as usize).copied();
+    Run {
+        per_second: latencies.len() as f64 / over.as_secs_f64(),
+        p50: at(0.5).unwrap_or_default(),
+        p99: at(0.99).unwrap_or_default(),
+        errors: 0,
+    }
+}
+
+/// P6-P10 on a ledger of 1,000,000 events (10,000 in smoke mode): cold start, RSS, scrapes,
+/// a streamed INTERNAL export and its offline verification, bytes on disk per event.
+async fn large_ledger(args: &Args, load: Duration) {
+    let events: u64 = if args.smoke { 10_000 } else { 1_000_000 };
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let built = Instant::now();
+    {
+        let server = Server::start_in(&args.bin, dir.path());
+        let mut set = tokio::task::JoinSet::new();
+        for w in 0..4u64 {
+            let channel = endpoint(server.grpc).connect().await.expect("connects");
+            set.spawn(async move {
+                let mut client = AuditServiceClient::new(channel);
+                let mut n = w * events / 4;
+                while n < (w + 1) * events / 4 {
+                    let records = (n..(n + 1000).min((w + 1) * events / 4))
+                        .map(|i| pb::BatchRecord {
+                            event: Some(event(i)),
+                            idempotency_key: String::new(),
+                        })
+                        .collect::<Vec<_>>();
+                    n += records.len() as u64;
+                    client
+                        .record_batch(pb::RecordBatchRequest { records })
+                        .await
+                        .expect("the ledger fills");
+                }
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            done.expect("filler");
+        }
+        server.terminate();
+    }
+    let bytes = dir_bytes(dir.path());
+    println!(
+        "ledger of {events} events built in {:.1} s; {} bytes on disk, {:.0} bytes per event\n",
+        built.elapsed().as_secs_f64(),
+        bytes,
+        bytes as f64 / events as f64
+    );
+
+    // P8: spawn to SERVING, the whole chain verified on the way.
+    let started = Instant::now();
+    let server = Server::start_in(&args.bin, dir.path());
+    println!(
+        "P8 cold start to SERVING ({events} events, chain verified): {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    println!("P10 RSS after start, {events} events: {:.1} MiB", server.rss_mib());
+
+    let scrapes = |n: usize| {
+        let addr = server.metrics;
+        async move {
+            let mut latencies = Vec::new();
+            for _ in 0..n {
+                let sent = Instant::now();
+                scrape(addr).await;
+                latencies.push(sent.elapsed());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            summarise(latencies, Duration::from_secs(1))
+        }
+    };
+    let idle = scrapes(if args.smoke { 20 } else { 500 }).await;
+    println!(
+        "P9 /metrics scrape, idle: p50 {:.2} ms, p99 {:.2} ms",
+        idle.p50.as_secs_f64() * 1e3,
+        idle.p99.as_secs_f64() * 1e3
+    );
+
+    // P6: a streamed INTERNAL pack of every event, with the server's RSS sampled meanwhile.
+    let pack = dir.path().join("pack.json");
+    let rss_before = server.rss_mib();
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (pid, sampling) = (server.child.id(), sampling.clone());
+        std::thread::spawn(move || {
+            let mut peak = 0f64;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_mib(pid));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let started = Instant::now();
+    let bytes = export_stream(server.grpc, &pack).await;
+    let took = started.elapsed();
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().expect("sampler");
+    println!(
+        "P6 INTERNAL ExportStream of {events} events: {:.2} s, {bytes} bytes; server RSS {rss_before:.1} -> peak {peak:.1} MiB (growth {:.1})",
+        took.as_secs_f64(),
+        peak - rss_before
+    );
+
+    // P7: the offline verifier, as a third party would run it.
+    let key = dir.path().join("key.pub");
+    let mut evidence = brain_ops::pb::evidence_service_client::EvidenceServiceClient::new(
+        endpoint(server.grpc).connect().await.expect("connects"),
+    );
+    let keys = evidence.get_public_keys(pb::GetPublicKeysRequest {}).await.expect("keys");
+    let current = keys.into_inner().keys.into_iter().find(|k| !k.retired).expect("a current key");
+    std::fs::write(&key, current.public_key).expect("key file");
+    let started = Instant::now();
+    let mut verifier = std::process::Command::new(&args.bin)
+        .args(["evidence", "verify"])
+        .arg(&pack)
+        .arg("--public-key")
+        .arg(&key)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("the verifier runs");
+    let mut peak = 0f64;
+    let status = loop {
+        if let Some(status) = verifier.try_wait().expect("wait") {
+            break status;
+        }
+        peak = peak.max(hwm_mib(verifier.id()));
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    println!(
+        "P7 offline evidence verify: {:.2} s, peak RSS {peak:.1} MiB (at least), {}",
+        started.elapsed().as_secs_f64(),
+        if status.success() { "valid" } else { "NOT VALID" }
+    );
+
+    // P9 under P3's load.
+    let background = tokio::spawn(drive(server.grpc, 128, 128, load, record_call));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let busy = scrapes(if args.smoke { 20 } else { (load.as_millis() / 15) as usize }).await;
+    let records = background.await.expect("load");
+    println!(
+        "P9 /metrics scrape under Record load ({:.0} events/s): p50 {:.2} ms, p99 {:.2} ms\n",
+        records.per_second,
+        busy.p50.as_secs_f64() * 1e3,
+        busy.p99.as_secs_f64() * 1e3
+    );
+}
+
+async fn export_stream(addr: SocketAddr, out: &Path) -> u64 {
+    use std::io::Write;
+    let mut client = brain_ops::pb::evidence_service_client::EvidenceServiceClient::new(
+        endpoint(addr).connect().await.expect("connects"),
+    );
+    let request = pb::ExportStreamRequest {
+        from: Some(prost_types::Timestamp { seconds: 0, nanos: 0 }),
+        to: Some(prost_types::Timestamp { seconds: 4_102_444_800, nanos: 0 }),
+        scope: pb::EvidenceScope::Internal.into(),
+        ..Default::default()
+    };
+    let mut stream = client.export_stream(request).await.expect("ExportStream").into_inner();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(out).expect("pack file"));
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.message().await.expect("chunks") {
+        bytes += chunk.data.len() as u64;
+        file.write_all(&chunk.data).expect("write");
+    }
+    file.flush().expect("flush");
+    bytes
+}
+
+async fn scrape(addr: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("metrics port");
+    let request = "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut body = Vec::new();
+    stream.read_to_end(&mut body).await.expect("response");
+    assert!(body.starts_with(b"HTTP/1.1 200"), "the scrape succeeds");
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&entry.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Peak RSS so far (VmHWM) of a running process.
+fn hwm_mib(pid: u32) -> f64 {
+    proc_status_kib(pid, "VmHWM:") / 1024.0
 }
 
 /// P1/P1b: brain-ops against the tonic floor, alternating, same generator and concurrency.
@@ -335,18 +702,26 @@ fn machine() -> String {
 struct Server {
     child: std::process::Child,
     grpc: SocketAddr,
-    _dir: tempfile::TempDir,
+    metrics: SocketAddr,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Server {
+    /// On a scratch directory of its own.
     fn start(bin: &Path) -> Server {
         let dir = tempfile::TempDir::new().expect("temp dir");
+        let mut server = Server::start_in(bin, dir.path());
+        server._dir = Some(dir);
+        server
+    }
+
+    fn start_in(bin: &Path, dir: &Path) -> Server {
         let mut child = std::process::Command::new(bin)
             .arg("serve")
             .env_clear()
             .env("BRAIN_GRPC_ADDR", "127.0.0.1:0")
             .env("BRAIN_METRICS_ADDR", "127.0.0.1:0")
-            .env("BRAIN_DATA_DIR", dir.path())
+            .env("BRAIN_DATA_DIR", dir)
             .env("BRAIN_LOG_FORMAT", "json")
             // The bench measures throughput; the per-principal quota would cap it.
             .env("BRAIN_INGEST_EVENTS_PER_SECOND", "0")
@@ -357,15 +732,24 @@ impl Server {
                 panic!("cannot start {}: {e} (cargo build --release)", bin.display())
             });
         let mut lines = std::io::BufReader::new(child.stderr.take().expect("piped")).lines();
-        let grpc = loop {
+        let serving = loop {
             let line = lines.next().expect("the server logs until it serves").expect("a log line");
             let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if entry["message"] == "brain-ops serving" {
-                break entry["grpc"].as_str().expect("address").parse().expect("address");
+                break entry;
             }
         };
         std::thread::spawn(move || lines.for_each(drop));
-        Server { child, grpc, _dir: dir }
+        let addr = |key: &str| serving[key].as_str().expect("address").parse().expect("address");
+        Server { grpc: addr("grpc"), metrics: addr("metrics"), child, _dir: None }
+    }
+
+    /// SIGTERM, and wait for the clean shutdown (final checkpoint included).
+    fn terminate(mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let status = self.child.wait().expect("the server exits");
+        assert!(status.success(), "the server shut down cleanly: {status}");
     }
 
     fn rss_mib(&self) -> f64 {
@@ -381,13 +765,16 @@ impl Drop for Server {
 }
 
 fn rss_mib(pid: u32) -> f64 {
+    proc_status_kib(pid, "VmRSS:") / 1024.0
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: f64 = status
+    status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
+        .unwrap_or(0.0)
 }
 
 /// The tonic floor: the same service and request shape, a handler that does nothing.
