@@ -3,7 +3,7 @@
 
 use sha2::{Digest, Sha256};
 
-use super::record::Record;
+use super::record::{Record, RecordProblem};
 
 /// Most damaged seqs remembered individually; more are counted.
 pub const MAX_LISTED_DAMAGE: usize = 64;
@@ -58,10 +58,21 @@ impl ChainVerifier {
     /// Checks the record stored at `seq`; returns it when it decodes and verifies on its own
     /// (even if its link is broken, since its content is intact).
     pub fn check(&mut self, seq: u64, bytes: &[u8]) -> Option<Record> {
+        self.check_decoded(seq, bytes, Record::decode_verified(bytes))
+    }
+
+    /// [`check`](Self::check) with the record already decoded and verified on its own (which
+    /// does not depend on the records before it, so it can be done in parallel).
+    pub fn check_decoded(
+        &mut self,
+        seq: u64,
+        bytes: &[u8],
+        decoded: Result<Record, RecordProblem>,
+    ) -> Option<Record> {
         self.missing_until(seq);
         self.next_seq = seq + 1;
         self.checked += 1;
-        match Record::decode_verified(bytes) {
+        match decoded {
             Err(problem) => {
                 self.damaged(seq, problem.to_string(), digest(bytes));
                 self.prev_hash = None;
