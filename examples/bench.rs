@@ -39,7 +39,7 @@ struct Args {
     /// A second of load and one run per scenario: proves the suite works, measures nothing.
     #[arg(long)]
     smoke: bool,
-    /// Scenarios to run (comma-separated: p1, p1b, p2, p3, p4, p5, p5b, p6 ... p10); all by
+    /// Scenarios to run (comma-separated: p1, p1b, p2, p3, p4, p5, p5b, p6 ... p10, shed); all by
     /// default. p6 to p10 share one large ledger.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -112,6 +112,9 @@ async fn suite(args: Args) {
         }
         report("P4 RecordBatch of 100, 16 clients, durable", &runs, Some(&floors), "events");
     }
+    if wanted("shed") {
+        shed(&args, load).await;
+    }
     if wanted("p2") {
         p2(&args, load).await;
     }
@@ -129,6 +132,67 @@ async fn suite(args: Args) {
     if ["p6", "p7", "p8", "p9", "p10"].iter().any(|p| wanted(p)) {
         large_ledger(&args, load).await;
     }
+}
+
+/// The kill switch under an ingestion flood (issue #8's bound: `CheckOperation` p99 under
+/// 10 ms): 48 clients send 100-event `RecordBatch`es back to back (backing off 100 ms when
+/// refused) at a server with 16 places for calls in flight, while a sibling on its own
+/// connection calls `CheckOperation` every 5 ms. The baseline is the same sibling with no flood.
+async fn shed(args: &Args, load: Duration) {
+    let (mut flooded, mut quiet) = (Vec::new(), Vec::new());
+    for _ in 0..args.repeats {
+        let server = Server::start_with(&args.bin, &[("BRAIN_MAX_CALLS_IN_FLIGHT", "16")]);
+        quiet.push(paced_checks(server.grpc, load).await);
+        let until = Instant::now() + load + Duration::from_millis(400);
+        let mut flood = tokio::task::JoinSet::new();
+        for c in 0..48u64 {
+            let channel = endpoint(server.grpc).connect_lazy();
+            flood.spawn(async move {
+                let (mut accepted, mut refused) = (0u64, 0u64);
+                let mut n = c << 40;
+                while Instant::now() < until {
+                    match batch_call(channel.clone(), n).await {
+                        Ok(()) => accepted += 1,
+                        Err(_) => {
+                            refused += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                    n += 1;
+                }
+                (accepted, refused)
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        flooded.push(paced_checks(server.grpc, load).await);
+        let (mut accepted, mut refused) = (0, 0);
+        while let Some(done) = flood.join_next().await {
+            let (a, r) = done.expect("flood client");
+            accepted += a;
+            refused += r;
+        }
+        println!("  (flood run: {accepted} batches accepted, {refused} refused)");
+    }
+    report(
+        "shed: CheckOperation every 5 ms under a RecordBatch flood (48 clients, 16 places); floor row: no flood",
+        &flooded,
+        Some(&quiet),
+        "calls",
+    );
+}
+
+/// One `CheckOperation` every 5 ms on a connection of its own, for `load`.
+async fn paced_checks(addr: SocketAddr, load: Duration) -> Run {
+    let channel = endpoint(addr).connect().await.expect("connects");
+    let until = Instant::now() + load;
+    let mut latencies = Vec::new();
+    while Instant::now() < until {
+        let sent = Instant::now();
+        check_call(channel.clone(), 0).await.expect("the kill switch answers");
+        latencies.push(sent.elapsed());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    summarise(latencies, load)
 }
 
 /// P2: `CheckOperation` at 64 in flight while 1,000 `Watch` streams are open and `Record` load
@@ -728,7 +792,19 @@ impl Server {
         server
     }
 
+    /// On a scratch directory, with extra settings.
+    fn start_with(bin: &Path, env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let mut server = Server::start_in_with(bin, dir.path(), env);
+        server._dir = Some(dir);
+        server
+    }
+
     fn start_in(bin: &Path, dir: &Path) -> Server {
+        Server::start_in_with(bin, dir, &[])
+    }
+
+    fn start_in_with(bin: &Path, dir: &Path, env: &[(&str, &str)]) -> Server {
         let mut child = std::process::Command::new(bin)
             .arg("serve")
             .env_clear()
@@ -738,6 +814,7 @@ impl Server {
             .env("BRAIN_LOG_FORMAT", "json")
             // The bench measures throughput; the per-principal quota would cap it.
             .env("BRAIN_INGEST_EVENTS_PER_SECOND", "0")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
