@@ -200,9 +200,7 @@ async fn paced_checks(addr: SocketAddr, load: Duration) -> Run {
 async fn p2(args: &Args, load: Duration) {
     let (mut runs, mut floors) = (Vec::new(), Vec::new());
     for _ in 0..args.repeats {
-        let floor = floor::Floor::start();
-        floors.push(drive(floor.addr, 64, 4, load, check_call).await);
-        drop(floor);
+        floors.push(tonic_floor(load).await);
         let server = Server::start(&args.bin);
         let watchers = watch_streams(server.grpc, 1000).await;
         let until = Instant::now() + load + Duration::from_millis(400);
@@ -549,13 +547,17 @@ fn hwm_mib(pid: u32) -> f64 {
     proc_status_kib(pid, "VmHWM:") / 1024.0
 }
 
+/// One run of the tonic floor: `CheckOperation` at 64 in flight over 4 connections.
+async fn tonic_floor(load: Duration) -> Run {
+    let floor = floor::Floor::start();
+    drive(floor.addr, 64, 4, load, check_call).await
+}
+
 /// P1/P1b: brain-ops against the tonic floor, alternating, same generator and concurrency.
 async fn compare_check(args: &Args, title: &str, blocked: bool, load: Duration) {
     let (mut runs, mut floors) = (Vec::new(), Vec::new());
     for _ in 0..args.repeats {
-        let floor = floor::Floor::start();
-        floors.push(drive(floor.addr, 64, 4, load, check_call).await);
-        drop(floor);
+        floors.push(tonic_floor(load).await);
         let server = Server::start(&args.bin);
         if blocked {
             let channel = endpoint(server.grpc).connect().await.expect("connects");
@@ -664,14 +666,7 @@ async fn drive(
         latencies.extend(l);
         errors += e;
     }
-    latencies.sort();
-    let at = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p) as usize).copied();
-    Run {
-        per_second: latencies.len() as f64 / load.as_secs_f64(),
-        p50: at(0.5).unwrap_or_default(),
-        p99: at(0.99).unwrap_or_default(),
-        errors,
-    }
+    Run { errors, ..summarise(latencies, load) }
 }
 
 fn endpoint(addr: SocketAddr) -> Endpoint {
@@ -717,16 +712,11 @@ fn storage_floor(dir: &Path, writers: usize, batch: u64, load: Duration) -> Run 
             })
         })
         .collect();
-    let mut latencies: Vec<Duration> =
+    let latencies: Vec<Duration> =
         handles.into_iter().flat_map(|h| h.join().expect("writer")).collect();
-    latencies.sort();
-    let at = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p) as usize).copied();
-    Run {
-        per_second: latencies.len() as f64 * batch as f64 / load.as_secs_f64(),
-        p50: at(0.5).unwrap_or_default(),
-        p99: at(0.99).unwrap_or_default(),
-        errors: 0,
-    }
+    let mut run = summarise(latencies, load);
+    run.per_second *= batch as f64;
+    run
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
