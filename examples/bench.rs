@@ -46,6 +46,11 @@ struct Args {
     /// The server binary.
     #[arg(long, default_value = "target/release/brain-ops")]
     bin: PathBuf,
+    /// Keep the large ledger of P6 to P10 in this directory and reuse it on later runs (the first
+    /// run builds it; each run works on a copy, since P9 adds events); a scratch directory by
+    /// default.
+    #[arg(long)]
+    ledger: Option<PathBuf>,
     /// Internal: serve the tonic floor on 127.0.0.1:0 and print the address.
     #[arg(long, hide = true)]
     floor_server: bool,
@@ -359,10 +364,16 @@ fn summarise(mut latencies: Vec<Duration>, over: Duration) -> Run {
 /// a streamed INTERNAL export and its offline verification, bytes on disk per event.
 async fn large_ledger(args: &Args, load: Duration) {
     let events: u64 = if args.smoke { 10_000 } else { 1_000_000 };
-    let dir = tempfile::TempDir::new().expect("temp dir");
+    let scratch = tempfile::TempDir::new().expect("temp dir");
+    let data = args.ledger.clone().unwrap_or_else(|| scratch.path().join("data"));
     let built = Instant::now();
-    {
-        let server = Server::start_in(&args.bin, dir.path());
+    let marker = data.join("bench-events");
+    if std::fs::read_to_string(&marker).ok() == Some(events.to_string()) {
+        println!("reusing the ledger of {events} events in {}", data.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(&data).expect("the ledger directory");
+        let server = Server::start_in(&args.bin, &data);
         let mut set = tokio::task::JoinSet::new();
         for w in 0..4u64 {
             let channel = endpoint(server.grpc).connect().await.expect("connects");
@@ -388,10 +399,19 @@ async fn large_ledger(args: &Args, load: Duration) {
             done.expect("filler");
         }
         server.terminate();
+        std::fs::write(&marker, events.to_string()).expect("the ledger's marker");
     }
-    let bytes = dir_bytes(dir.path());
+    let bytes = dir_bytes(&data);
+    let data = if args.ledger.is_some() {
+        let copy = scratch.path().join("data");
+        let copied = std::process::Command::new("cp").arg("-a").arg(&data).arg(&copy).status();
+        assert!(copied.is_ok_and(|s| s.success()), "the ledger copies");
+        copy
+    } else {
+        data
+    };
     println!(
-        "ledger of {events} events built in {:.1} s; {} bytes on disk, {:.0} bytes per event\n",
+        "ledger of {events} events ({:.1} s); {} bytes on disk, {:.0} bytes per event\n",
         built.elapsed().as_secs_f64(),
         bytes,
         bytes as f64 / events as f64
@@ -399,7 +419,7 @@ async fn large_ledger(args: &Args, load: Duration) {
 
     // P8: spawn to SERVING, the whole chain verified on the way.
     let started = Instant::now();
-    let server = Server::start_in(&args.bin, dir.path());
+    let server = Server::start_in(&args.bin, &data);
     println!(
         "P8 cold start to SERVING ({events} events, chain verified): {:.2} s",
         started.elapsed().as_secs_f64()
@@ -428,7 +448,7 @@ async fn large_ledger(args: &Args, load: Duration) {
     );
 
     // P6: a streamed INTERNAL pack of every event, with the server's RSS sampled meanwhile.
-    let pack = dir.path().join("pack.json");
+    let pack = scratch.path().join("pack.json");
     let rss_before = server.rss_mib();
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
@@ -454,7 +474,7 @@ async fn large_ledger(args: &Args, load: Duration) {
     );
 
     // P7: the offline verifier, as a third party would run it.
-    let key = dir.path().join("key.pub");
+    let key = scratch.path().join("key.pub");
     let mut evidence = brain_ops::pb::evidence_service_client::EvidenceServiceClient::new(
         endpoint(server.grpc).connect().await.expect("connects"),
     );

@@ -36,10 +36,23 @@ pub fn record(data: &[u8]) {
     assert_eq!(decoded.canonical_bytes(), sealed.bytes);
 }
 
-/// The pack verifier never panics and never calls a pack valid without a key.
+/// The pack verifier never panics, never calls a pack valid without a key, and streaming the
+/// file gives exactly the verdict (or the refusal) of parsing it whole.
 pub fn pack(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    if let Ok(verdict) = crate::evidence::pack::verify(text, &BTreeMap::new(), None) {
+    use crate::evidence::verify::{verify, verify_document};
+    let keys = BTreeMap::new();
+    let streamed = verify(std::io::Cursor::new(data), &keys, None);
+    let Ok(text) = std::str::from_utf8(data) else {
+        assert!(streamed.is_err(), "a file that is not UTF-8 is refused");
+        return;
+    };
+    let whole = verify_document(text, &keys, None);
+    match (&streamed, &whole) {
+        (Ok(streamed), Ok(whole)) => assert_eq!(streamed, whole, "the same verdict"),
+        (Err(_), Err(_)) => {}
+        _ => panic!("streamed {streamed:?}, whole {whole:?}"),
+    }
+    if let Ok(verdict) = whole {
         assert!(!verdict.signature_valid, "no key, no valid signature");
     }
 }

@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod overrides;
+pub mod parallel;
 pub mod pb;
 pub mod safe_mode;
 pub mod server;

@@ -1,7 +1,7 @@
 //! `brain-ops evidence export|verify`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use base64::Engine;
@@ -12,7 +12,6 @@ use tokio_stream::StreamExt;
 
 use super::{ClientArgs, Failure, Output, exit, print_json};
 use crate::evidence::keys::key_id_of;
-use crate::evidence::pack;
 use crate::grpc::convert::micros_to_pb;
 use crate::ledger::record::parse_time;
 use crate::pb;
@@ -111,13 +110,14 @@ pub(super) async fn run(client: &ClientArgs, command: EvidenceCommand) -> Result
             Ok(exit::OK)
         }
         EvidenceCommand::Verify { pack: path, public_key } => {
-            let file = std::fs::read_to_string(&path)
-                .map_err(|e| usage(format!("{}: {e}", path.display())))?;
+            let opened = |path: &std::path::Path| {
+                std::fs::File::open(path).map_err(|e| usage(format!("{}: {e}", path.display())))
+            };
             let (valid, report) = match public_key {
                 Some(key_file) => {
                     let key = read_public_key(&key_file).map_err(usage)?;
                     let keys: BTreeMap<String, [u8; 32]> = [(key_id_of(&key), key)].into();
-                    let verdict = pack::verify(&file, &keys, None)
+                    let verdict = crate::evidence::verify::verify(opened(&path)?, &keys, None)
                         .map_err(|e| Failure { code: exit::NEGATIVE, message: e })?;
                     let problems: Vec<String> = verdict
                         .problems
@@ -135,9 +135,12 @@ pub(super) async fn run(client: &ClientArgs, command: EvidenceCommand) -> Result
                     )
                 }
                 None => {
+                    let mut file = Vec::new();
+                    opened(&path)?
+                        .read_to_end(&mut file)
+                        .map_err(|e| usage(format!("{}: {e}", path.display())))?;
                     let (channel, bearer) = client.connect_with(true).await?;
                     let chunks: Vec<pb::VerifyStreamRequest> = file
-                        .as_bytes()
                         .chunks(1 << 20)
                         .map(|c| pb::VerifyStreamRequest { data: c.to_vec() })
                         .collect();

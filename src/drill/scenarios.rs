@@ -389,7 +389,11 @@ pub(super) async fn tampered_log(t: &mut Target, r: &mut Report) -> Result<(), S
         format!("valid {}, first_bad_seq {}", chain.valid, chain.first_bad_seq),
     );
 
-    let offline = crate::evidence::pack::verify(&before.pack_json, &keys, None);
+    let offline = crate::evidence::verify::verify(
+        std::io::Cursor::new(before.pack_json.as_bytes()),
+        &keys,
+        None,
+    );
     r.check(
         "the pack exported before still verifies offline",
         offline.as_ref().is_ok_and(|v| v.valid_offline()),

@@ -86,8 +86,8 @@ impl EvidenceApi {
         let keys = self.keys();
         let store = self.ledger.store();
         let verdict = tokio::task::spawn_blocking(move || {
-            pack::verify(
-                &file,
+            crate::evidence::verify::verify(
+                std::io::Cursor::new(file.as_bytes()),
                 &keys,
                 store.as_deref().map(|s| s as &dyn crate::ledger::store::Storage),
             )

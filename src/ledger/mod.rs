@@ -270,80 +270,63 @@ impl Ledger {
     }
 }
 
-/// Records per chunk handed to a start-up decoding thread.
-const REBUILD_CHUNK: usize = 512;
+/// Seqs per range a start-up thread reads and decodes.
+const REBUILD_RANGE: u64 = 2048;
 
-type Decoded = (u64, Vec<u8>, Result<record::Record, record::RecordProblem>);
+/// A stored record decoded and verified on its own, or the problem and its bytes.
+type Decoded = (u64, Result<record::Record, (record::RecordProblem, Vec<u8>)>);
 
 /// Verifies every stored record and folds the intact ones into a fresh state.
 ///
-/// Decoding a record and checking its own hash does not depend on the records before it, so
-/// that part runs on every core: one thread scans the store in chunks, decoding threads take
-/// the chunks in turn, and this thread takes their results in the same turn (so in seq order),
-/// checks the links and folds the state.
+/// Reading a record, decoding it and checking its own hash do not depend on the records before
+/// it, so that part runs on every core, a range of seqs at a time
+/// ([`crate::parallel::ordered_map`]); this thread takes the results in seq order, checks the
+/// links and folds the state.
 fn rebuild(
     store: &dyn Storage,
     index: &mut IdempotencyIndex,
 ) -> Result<(State, Verification), store::StorageError> {
-    use std::sync::mpsc::sync_channel;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+    let head = store.head()?.unwrap_or(0);
     let mut state = State::default();
     let mut verifier = ChainVerifier::new(1, Some(state.head.hash.clone()));
     let mut last_seq = 0;
-    let scanned = std::thread::scope(|scope| {
-        let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
-        for _ in 0..threads {
-            let (input, chunks) = sync_channel::<Vec<(u64, Vec<u8>)>>(2);
-            let (output, decoded) = sync_channel::<Vec<Decoded>>(2);
-            scope.spawn(move || {
-                for chunk in chunks {
-                    let chunk = chunk
-                        .into_iter()
-                        .map(|(seq, bytes)| {
-                            let record = record::Record::decode_verified(&bytes);
-                            (seq, bytes, record)
-                        })
-                        .collect();
-                    if output.send(chunk).is_err() {
-                        break;
-                    }
-                }
-            });
-            inputs.push(input);
-            outputs.push(decoded);
-        }
-        let scanner = scope.spawn(move || {
-            let (mut chunk, mut sent) = (Vec::with_capacity(REBUILD_CHUNK), 0usize);
-            let scanned = store.scan(1, u64::MAX, &mut |seq, bytes| {
-                chunk.push((seq, bytes.to_vec()));
-                if chunk.len() == REBUILD_CHUNK {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(REBUILD_CHUNK));
-                    if inputs[sent % inputs.len()].send(full).is_err() {
-                        return ControlFlow::Break(());
-                    }
-                    sent += 1;
-                }
+    let mut scanned = Ok(());
+    crate::parallel::ordered_map(
+        |emit| {
+            let mut from = 1;
+            while from <= head && emit((from, head.min(from + REBUILD_RANGE - 1))) {
+                from += REBUILD_RANGE;
+            }
+        },
+        |(from, to)| {
+            let mut decoded: Vec<Decoded> = Vec::with_capacity(REBUILD_RANGE as usize);
+            let scanned = store.scan(from, to, &mut |seq, bytes| {
+                let record = record::Record::decode_verified(bytes);
+                decoded.push((seq, record.map_err(|problem| (problem, bytes.to_vec()))));
                 ControlFlow::Continue(())
             });
-            if !chunk.is_empty() {
-                let _ = inputs[sent % inputs.len()].send(chunk);
+            (decoded, scanned)
+        },
+        |(decoded, range_scanned)| {
+            if scanned.is_ok() {
+                scanned = range_scanned;
             }
-            scanned
-        });
-        // A decoding thread's channel closes after its last chunk, once the scan has ended.
-        let mut turn = 0;
-        while let Ok(chunk) = outputs[turn % outputs.len()].recv() {
-            for (seq, bytes, decoded) in chunk {
-                if let Some(record) = verifier.check_decoded(seq, &bytes, decoded) {
+            for (seq, decoded) in decoded {
+                let stored = || store.get(seq).ok().flatten().unwrap_or_default();
+                let record = match decoded {
+                    Ok(record) => verifier.check_decoded(seq, Ok(record), &stored),
+                    Err((problem, bytes)) => {
+                        verifier.check_decoded(seq, Err((problem, &bytes)), &stored)
+                    }
+                };
+                if let Some(record) = record {
                     state.apply(&record);
                     index.insert(&record);
                 }
                 last_seq = seq;
             }
-            turn += 1;
-        }
-        scanner.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    });
+        },
+    );
     scanned?;
     let verification = verifier.finish(last_seq);
     if last_seq > state.head.seq {

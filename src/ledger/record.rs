@@ -17,6 +17,8 @@ use sha2::{Digest, Sha256};
 pub const RECORD_VERSION: u32 = 1;
 /// `prev_hash` of seq 1.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// How the hash member starts in stored bytes.
+const HASH_MEMBER_START: &[u8] = b",\"hash\":\"";
 /// Largest canonical record.
 pub const MAX_RECORD_BYTES: usize = 16 * 1024;
 /// Largest canonical record of a system event carrying a governance config.
@@ -432,47 +434,58 @@ impl Record {
             return Err(RecordProblem::NotCanonical);
         }
         // Canonical bytes order the keys, so the hashed form is the stored one without its
-        // `"hash":"…",` member (`hash` is never the last key, and no string before it can hold
-        // an unescaped quote). Hashing the two halves avoids serialising the record again.
-        let member = format!(",\"hash\":\"{}\"", record.hash);
-        let computed = match bytes.windows(member.len()).position(|w| w == member.as_bytes()) {
-            Some(at) => {
+        // `,"hash":"…"` member (`hash` is never the first or last key, and no string can hold an
+        // unescaped quote). Hashing the two halves avoids serialising the record again.
+        let hash = record.hash.as_bytes();
+        let at = memchr::memmem::find(bytes, HASH_MEMBER_START);
+        let end = at.map(|at| at + HASH_MEMBER_START.len() + hash.len());
+        let mut digest = [0u8; 64];
+        let computed = match (at, end) {
+            (Some(at), Some(end))
+                if bytes.get(at + HASH_MEMBER_START.len()..end) == Some(hash)
+                    && bytes.get(end) == Some(&b'"') =>
+            {
                 let mut hasher = Sha256::new();
                 hasher.update(&bytes[..at]);
-                hasher.update(&bytes[at + member.len()..]);
-                hex::encode(hasher.finalize())
+                hasher.update(&bytes[end + 1..]);
+                // Cannot fail: 64 hex digits for 32 bytes.
+                let _ = hex::encode_to_slice(hasher.finalize(), &mut digest);
+                &digest[..]
             }
             // A hash that JSON escapes (not hex at all): the slow way gives the same answer.
-            None => record.compute_hash(),
+            _ => {
+                let computed = record.compute_hash();
+                if computed == record.hash {
+                    return Ok(record);
+                }
+                return Err(RecordProblem::HashMismatch { stored: record.hash, computed });
+            }
         };
-        if computed != record.hash {
+        if computed != hash {
+            let computed = String::from_utf8_lossy(computed).into_owned();
             return Err(RecordProblem::HashMismatch { stored: record.hash, computed });
         }
         Ok(record)
     }
 
-    /// Whether serialising this record gives exactly `expected`, compared as it is written.
+    /// Whether serde_json's output for this record is its JCS form: true for every record
+    /// brain-ops seals (see the module documentation); false only for a hand-made one whose seq
+    /// is beyond 2^53 (JCS writes numbers as doubles) or whose metadata keys are not ASCII (JCS
+    /// sorts them by UTF-16 code unit, serde_json by byte).
+    pub fn serialises_as_jcs(&self) -> bool {
+        self.seq <= 1 << 53 && self.metadata.keys().all(|k| k.is_ascii())
+    }
+
+    /// Whether serialising this record gives exactly `expected`.
     fn serialises_to(&self, expected: &[u8]) -> bool {
-        struct Compare<'a> {
-            rest: &'a [u8],
-            equal: bool,
+        thread_local! {
+            /// Kept between calls: start-up checks a million records on each thread.
+            static WRITTEN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        impl std::io::Write for Compare<'_> {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                match self.rest.strip_prefix(buf) {
-                    Some(rest) if self.equal => self.rest = rest,
-                    _ => self.equal = false,
-                }
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut compare = Compare { rest: expected, equal: true };
-        serde_json::to_writer(&mut compare, self).is_ok()
-            && compare.equal
-            && compare.rest.is_empty()
+        WRITTEN.with_borrow_mut(|written| {
+            written.clear();
+            serde_json::to_writer(&mut *written, self).is_ok() && written == expected
+        })
     }
 
     /// Event time in microseconds since the Unix epoch.

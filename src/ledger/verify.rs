@@ -58,22 +58,25 @@ impl ChainVerifier {
     /// Checks the record stored at `seq`; returns it when it decodes and verifies on its own
     /// (even if its link is broken, since its content is intact).
     pub fn check(&mut self, seq: u64, bytes: &[u8]) -> Option<Record> {
-        self.check_decoded(seq, bytes, Record::decode_verified(bytes))
+        let decoded = Record::decode_verified(bytes).map_err(|problem| (problem, bytes));
+        self.check_decoded(seq, decoded, &|| bytes.to_vec())
     }
 
     /// [`check`](Self::check) with the record already decoded and verified on its own (which
-    /// does not depend on the records before it, so it can be done in parallel).
+    /// does not depend on the records before it, so it can be done in parallel): the record, or
+    /// the problem and the stored bytes. `stored` gives the stored bytes of a record that decoded,
+    /// should its link be broken.
     pub fn check_decoded(
         &mut self,
         seq: u64,
-        bytes: &[u8],
-        decoded: Result<Record, RecordProblem>,
+        decoded: Result<Record, (RecordProblem, &[u8])>,
+        stored: &dyn Fn() -> Vec<u8>,
     ) -> Option<Record> {
         self.missing_until(seq);
         self.next_seq = seq + 1;
         self.checked += 1;
         match decoded {
-            Err(problem) => {
+            Err((problem, bytes)) => {
                 self.damaged(seq, problem.to_string(), digest(bytes));
                 self.prev_hash = None;
                 self.prev_time = None;
@@ -81,9 +84,11 @@ impl ChainVerifier {
                 None
             }
             Ok(record) => {
+                let time = record.time_micros();
+                let digest = || digest(&stored());
                 if record.seq != seq {
                     let problem = format!("the record stored at seq {seq} says seq {}", record.seq);
-                    self.damaged(seq, problem, digest(bytes));
+                    self.damaged(seq, problem, digest());
                 } else if let Some(prev) = &self.prev_hash
                     && *prev != record.prev_hash
                 {
@@ -92,8 +97,8 @@ impl ChainVerifier {
                         record.prev_hash,
                         seq.saturating_sub(1)
                     );
-                    self.damaged(seq, problem, digest(bytes));
-                } else if let (Some(time), Some(previous)) = (record.time_micros(), self.prev_time)
+                    self.damaged(seq, problem, digest());
+                } else if let (Some(time), Some(previous)) = (time, self.prev_time)
                     && time < previous
                 {
                     let problem = format!(
@@ -101,11 +106,15 @@ impl ChainVerifier {
                         record.time,
                         seq.saturating_sub(1)
                     );
-                    self.damaged(seq, problem, digest(bytes));
+                    self.damaged(seq, problem, digest());
                 }
-                self.prev_time = record.time_micros();
-                self.prev_hash = Some(record.hash.clone());
-                self.last_hash = Some(record.hash.clone());
+                self.prev_time = time;
+                for kept in [&mut self.prev_hash, &mut self.last_hash] {
+                    match kept {
+                        Some(hash) => hash.clone_from(&record.hash),
+                        None => *kept = Some(record.hash.clone()),
+                    }
+                }
                 Some(record)
             }
         }

@@ -1,5 +1,7 @@
 //! Evidence signing keys: generated once and kept, or configured; published by GetPublicKeys.
 
+use std::io::Cursor;
+
 use base64::Engine;
 use brain_ops::pb;
 use brain_ops::pb::evidence_service_client::EvidenceServiceClient;
@@ -410,9 +412,13 @@ fn malformed_pack_files_are_refused_or_found_invalid_never_a_panic() {
     assert!(corpus.len() >= 25);
     let keys = std::collections::BTreeMap::new();
     for file in &corpus {
-        match brain_ops::evidence::pack::verify(file, &keys, None) {
-            Err(_) => {}
-            Ok(verdict) => assert!(!verdict.valid_offline(), "{file:?} passed verification"),
+        let streamed = brain_ops::evidence::verify::verify(Cursor::new(file), &keys, None);
+        match brain_ops::evidence::verify::verify_document(file, &keys, None) {
+            Err(_) => assert!(streamed.is_err(), "{file:?}: refused whole, not streamed"),
+            Ok(verdict) => {
+                assert!(!verdict.valid_offline(), "{file:?} passed verification");
+                assert_eq!(streamed.as_ref(), Ok(&verdict), "{file:?}: streamed differently");
+            }
         }
     }
 }
