@@ -308,11 +308,19 @@ impl App {
                     ),
             )
         });
-        let http_server = tokio::spawn(
-            axum::serve(http, http::router(ledger.clone(), drain.clone(), metrics.clone()))
-                .with_graceful_shutdown(stop_signal(stopped.clone()))
-                .into_future(),
-        );
+        // The HTTP port runs on a thread of its own, so that a scrape or a probe is not queued
+        // behind gRPC work on the runtime's workers (and never slows them either).
+        let http_server = {
+            let (listener, stop) = (http.into_std()?, stop_signal(stopped.clone()));
+            let app = http::router(ledger.clone(), drain.clone(), metrics.clone());
+            tokio::task::spawn_blocking(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener)?;
+                    axum::serve(listener, app).with_graceful_shutdown(stop).await
+                })
+            })
+        };
         // Aggregates of refusals are written once their second is over.
         let flusher = {
             let (control, denials) = (control.clone(), auth.denials.clone());

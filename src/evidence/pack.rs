@@ -144,26 +144,11 @@ pub fn plan(
         prev_hash,
         ..Gathered::default()
     };
-    let mut problem = None;
     if first < end {
-        store
-            .scan(first, end - 1, &mut |seq, bytes| match in_chain(seq, bytes, &g.last_hash) {
-                Ok(record) => {
-                    gather(&mut g, &record, bytes, request.scope);
-                    ControlFlow::Continue(())
-                }
-                Err(e) => {
-                    problem = Some(e);
-                    ControlFlow::Break(())
-                }
-            })
-            .map_err(storage)?;
-        if problem.is_none() && g.last_seq != end - 1 {
-            problem = Some(damaged(g.last_seq.max(first - 1) + 1, "the seq is missing"));
-        }
-    }
-    if let Some(problem) = problem {
-        return Err(problem);
+        let prev_hash = g.prev_hash.clone();
+        verified(store, first, end - 1, &prev_hash, &mut |record, stored| {
+            gather(&mut g, &record, stored, request.scope);
+        })?;
     }
     let (first_event, events_total, events_included) = (g.first_seq, g.events_total, g.included);
     let included_bytes = g.included_bytes;
@@ -188,23 +173,72 @@ pub fn plan(
 /// The state folded from the ledger up to `as_of`.
 fn fold(store: &dyn Storage, as_of: u64) -> Result<State, PackError> {
     let mut state = State::default();
-    let mut problem = None;
-    store
-        .scan(1, as_of, &mut |seq, bytes| match in_chain(seq, bytes, &state.head.hash) {
-            Ok(record) => {
-                state.apply(&record);
+    verified(store, 1, as_of, GENESIS_HASH, &mut |record, _| state.apply(&record))?;
+    Ok(state)
+}
+
+/// Seqs per range a thread reads and decodes (a few ranges are in flight per thread: about
+/// 300 KiB each decoded).
+const RANGE: u64 = 256;
+/// Seqs per range a thread reads to copy out (about 500 KiB each).
+const COPY_RANGE: u64 = 1024;
+
+/// Reads seqs `from..=to` (all present), checks each record on its own on every core, then in
+/// order its seq and its link to the one before (`prev_hash` for the first), and hands each to
+/// `visit` with its stored size.
+fn verified(
+    store: &dyn Storage,
+    from: u64,
+    to: u64,
+    prev_hash: &str,
+    visit: &mut dyn FnMut(Record, usize),
+) -> Result<(), PackError> {
+    let (mut prev, mut next, mut problem) = (prev_hash.to_owned(), from, None);
+    crate::parallel::ordered_map(
+        |emit| {
+            let mut start = from;
+            while start <= to && emit((start, to.min(start.saturating_add(RANGE - 1)))) {
+                start = start.saturating_add(RANGE);
+            }
+        },
+        |(start, end)| {
+            let mut decoded = Vec::new();
+            let scanned = store.scan(start, end, &mut |seq, bytes| {
+                decoded.push((seq, bytes.len(), Record::decode_verified(bytes)));
                 ControlFlow::Continue(())
+            });
+            (decoded, scanned)
+        },
+        |(decoded, scanned)| {
+            for (seq, stored, record) in decoded {
+                if problem.is_some() {
+                    return;
+                }
+                match record {
+                    _ if seq != next => problem = Some(damaged(next, "the seq is missing")),
+                    Err(e) => problem = Some(damaged(seq, &e.to_string())),
+                    Ok(record) if record.seq != seq || record.prev_hash != prev => {
+                        problem =
+                            Some(damaged(seq, "the record is not the one the chain links to"));
+                    }
+                    Ok(record) => {
+                        prev.clone_from(&record.hash);
+                        next = seq + 1;
+                        visit(record, stored);
+                    }
+                }
             }
-            Err(e) => {
-                problem = Some(e);
-                ControlFlow::Break(())
+            if let Err(e) = scanned
+                && problem.is_none()
+            {
+                problem = Some(storage(e));
             }
-        })
-        .map_err(storage)?;
+        },
+    );
     match problem {
         Some(problem) => Err(problem),
-        None if state.head.seq != as_of => Err(damaged(state.head.seq + 1, "the seq is missing")),
-        None => Ok(state),
+        None if next <= to => Err(damaged(next, "the seq is missing")),
+        None => Ok(()),
     }
 }
 
@@ -229,15 +263,6 @@ fn read(store: &dyn Storage, seq: u64) -> Result<Record, PackError> {
     Record::decode_verified(&bytes).map_err(|e| damaged(seq, &e.to_string()))
 }
 
-/// The verified record stored at `seq`, which must link to `prev_hash`.
-fn in_chain(seq: u64, bytes: &[u8], prev_hash: &str) -> Result<Record, PackError> {
-    let record = Record::decode_verified(bytes).map_err(|e| damaged(seq, &e.to_string()))?;
-    if record.seq != seq || record.prev_hash != prev_hash {
-        return Err(damaged(seq, "the record is not the one the chain links to"));
-    }
-    Ok(record)
-}
-
 fn damaged(seq: u64, problem: &str) -> PackError {
     PackError::Storage(format!(
         "the ledger is damaged at seq {seq}; no pack can vouch for it ({problem})"
@@ -250,8 +275,9 @@ fn storage(e: impl std::fmt::Display) -> PackError {
     PackError::Storage(e.to_string())
 }
 
-/// The second pass: streams the file to `sink` (the stored events copied as they are) and
-/// returns (content hash, pack id). Holds one event at a time, never the whole pack.
+/// The second pass: streams the file to `sink` (the stored events copied as they are, read a
+/// range at a time on every core) and returns (content hash, pack id). Holds a few ranges of
+/// events at a time, never the whole pack.
 pub fn write(
     store: &dyn Storage,
     plan: &Plan,
@@ -271,22 +297,41 @@ pub fn write(
     emit(b"\"events\":[", true, sink)?;
     if plan.events_included > 0 {
         let last = plan.first_event + plan.events_included - 1;
-        let mut result = Ok(());
-        let mut first = true;
-        store
-            .scan(plan.first_event, last, &mut |_, bytes| {
-                let step = (if first { Ok(()) } else { emit(b",", true, sink) })
-                    .and_then(|()| emit(bytes, true, sink));
-                first = false;
-                match step {
-                    Ok(()) => ControlFlow::Continue(()),
-                    Err(e) => {
-                        result = Err(e);
-                        ControlFlow::Break(())
-                    }
+        let (mut result, mut first) = (Ok(()), true);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        crate::parallel::ordered_map(
+            |emit_range| {
+                let mut start = plan.first_event;
+                while start <= last
+                    && !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && emit_range((start, last.min(start + COPY_RANGE - 1)))
+                {
+                    start += COPY_RANGE;
                 }
-            })
-            .map_err(storage)?;
+            },
+            |(start, end)| {
+                let mut events = Vec::new();
+                let scanned = store.scan(start, end, &mut |_, bytes| {
+                    if !events.is_empty() {
+                        events.push(b',');
+                    }
+                    events.extend_from_slice(bytes);
+                    ControlFlow::Continue(())
+                });
+                (events, scanned.map_err(storage))
+            },
+            |(events, scanned)| {
+                if result.is_err() || events.is_empty() && scanned.is_ok() {
+                    return;
+                }
+                let separated = if first { Ok(()) } else { emit(b",", true, sink) };
+                first = false;
+                result = separated.and_then(|()| emit(&events, true, sink)).and(scanned);
+                if result.is_err() {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            },
+        );
         result?;
     }
     emit(b"]", true, sink)?;
@@ -322,7 +367,7 @@ pub fn build(store: &dyn Storage, plan: &Plan, signer: &Signer) -> Result<Pack, 
 }
 
 /// Folds one event of the range into the summaries.
-fn gather(g: &mut Gathered, record: &Record, bytes: &[u8], scope: Scope) {
+fn gather(g: &mut Gathered, record: &Record, stored: usize, scope: Scope) {
     if g.first_seq == 0 {
         g.first_seq = record.seq;
     }
@@ -382,7 +427,7 @@ fn gather(g: &mut Gathered, record: &Record, bytes: &[u8], scope: Scope) {
     };
     if include {
         g.included += 1;
-        g.included_bytes += bytes.len() + 1;
+        g.included_bytes += stored + 1;
     }
 }
 

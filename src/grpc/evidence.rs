@@ -204,9 +204,17 @@ impl pb::evidence_service_server::EvidenceService for EvidenceApi {
                 tx.blocking_send(Ok(pb::ExportStreamResponse { data }))
                     .map_err(|_| PackError::Storage("the client went away".into()))
             };
-            let written = pack::write(store.as_ref(), &plan, &signer, &mut |bytes| {
-                chunk.extend_from_slice(bytes);
-                if chunk.len() >= STREAM_CHUNK_BYTES { send(&mut chunk) } else { Ok(()) }
+            let written = pack::write(store.as_ref(), &plan, &signer, &mut |mut bytes| {
+                while !bytes.is_empty() {
+                    let room = STREAM_CHUNK_BYTES - chunk.len();
+                    let (now, later) = bytes.split_at(room.min(bytes.len()));
+                    chunk.extend_from_slice(now);
+                    bytes = later;
+                    if chunk.len() == STREAM_CHUNK_BYTES {
+                        send(&mut chunk)?;
+                    }
+                }
+                Ok(())
             })
             .and_then(|ids| send(&mut chunk).map(|()| ids));
             match written {

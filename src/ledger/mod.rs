@@ -271,7 +271,7 @@ impl Ledger {
 }
 
 /// Seqs per range a start-up thread reads and decodes.
-const REBUILD_RANGE: u64 = 2048;
+const REBUILD_RANGE: u64 = 512;
 
 /// A stored record decoded and verified on its own, or the problem and its bytes.
 type Decoded = (u64, Result<record::Record, (record::RecordProblem, Vec<u8>)>);
