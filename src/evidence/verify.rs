@@ -403,8 +403,8 @@ fn stream_pack<'a, R: Read + Send>(
         }
         if key == "events" && src.peek()? == Some(b'[') {
             // Everything sorted before the events is here (else the file is irregular).
-            let before = pending.split_off(&events_key);
-            for key in std::mem::replace(&mut pending, before).into_values() {
+            let after = pending.split_off(&events_key);
+            for key in std::mem::replace(&mut pending, after).into_values() {
                 hash.member(&key, &members[&key]);
             }
             hash.key("events");
