@@ -144,7 +144,8 @@ async fn a_full_disk_refuses_appends_freezes_and_recovers_by_itself_when_space_r
         .await
         .expect("verifies")
         .into_inner();
-    assert!(chain.valid && chain.head_seq == after.seq, "{chain:?}");
+    // What the service writes itself on recovery may land after the record that proved it.
+    assert!(chain.valid && chain.head_seq >= after.seq, "{chain:?}");
     let status = SafeModeServiceClient::new(channel.clone())
         .get_status(pb::GetStatusRequest {})
         .await
