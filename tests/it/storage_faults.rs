@@ -144,7 +144,7 @@ async fn a_full_disk_refuses_appends_freezes_and_recovers_by_itself_when_space_r
         .await
         .expect("verifies")
         .into_inner();
-    // What the service writes itself on recovery may land after the record that proved it.
+    // The head can be past the record that proved recovery (seen once in CI: one more event).
     assert!(chain.valid && chain.head_seq >= after.seq, "{chain:?}");
     let status = SafeModeServiceClient::new(channel.clone())
         .get_status(pb::GetStatusRequest {})
