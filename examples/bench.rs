@@ -98,12 +98,17 @@ async fn suite(args: Args) {
         compare_check(&args, "P1b CheckOperation blocked, 64 in flight", true, load).await;
     }
     if wanted("p3") {
-        let mut runs = Vec::new();
+        let (mut runs, mut floors) = (Vec::new(), Vec::new());
         for _ in 0..args.repeats {
+            let floor = floor::Floor::start();
+            floors.push(drive(floor.addr, 128, 128, load, record_call).await);
+            drop(floor);
             let server = Server::start(&args.bin);
             runs.push(drive(server.grpc, 128, 128, load, record_call).await);
         }
-        report("P3 Record single events, 128 clients, durable", &runs, None, "events");
+        // The floor answers `Record` with an empty handler: what tonic and this machine allow
+        // for the request shape, connections and concurrency, before any durability.
+        report("P3 Record single events, 128 clients, durable", &runs, Some(&floors), "events");
     }
     if wanted("p4") {
         let (mut runs, mut floors) = (Vec::new(), Vec::new());
@@ -940,9 +945,20 @@ fn proc_status_kib(pid: u32, field: &str) -> f64 {
 /// The tonic floor: the same service and request shape, a handler that does nothing.
 mod floor {
     use super::*;
+    use brain_ops::pb::audit_service_server::{AuditService, AuditServiceServer};
     use brain_ops::pb::safe_mode_service_server::{SafeModeService, SafeModeServiceServer};
 
     struct Empty;
+
+    #[tonic::async_trait]
+    impl AuditService for Empty {
+        async fn record(
+            &self,
+            _: tonic::Request<pb::RecordRequest>,
+        ) -> Result<tonic::Response<pb::RecordResponse>, tonic::Status> {
+            Ok(tonic::Response::new(pb::RecordResponse::default()))
+        }
+    }
 
     #[tonic::async_trait]
     impl SafeModeService for Empty {
@@ -964,6 +980,7 @@ mod floor {
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             tonic::transport::Server::builder()
                 .add_service(SafeModeServiceServer::new(Empty))
+                .add_service(AuditServiceServer::new(Empty))
                 .serve_with_incoming(incoming)
                 .await
                 .expect("serves");
