@@ -1,6 +1,11 @@
-//! `brain-ops audit list|verify`.
+//! `brain-ops audit record|record-batch|list|verify`.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::PathBuf;
 
 use clap::{Subcommand, ValueEnum};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ClientArgs, Failure, Output, exit, print_json};
@@ -12,6 +17,8 @@ use crate::pb::audit_service_client::AuditServiceClient;
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Record one event (for scripts and drills); prints its seq and hash once durable.
+    ///
+    /// RPC: AuditService.Record
     Record {
         /// Event type, e.g. factory.step_failed.
         #[arg(long = "type")]
@@ -42,7 +49,22 @@ pub enum AuditCommand {
         #[arg(long, default_value = "")]
         idempotency_key: String,
     },
+    /// Record many events at once, all or none; prints each one's seq and hash once durable.
+    ///
+    /// The file holds one JSON object per line, with the fields of `record`: "type" (required),
+    /// "reason", "severity", "triggered_by", "error", "bundle_id", "mode_before", "mode_after",
+    /// "success" (true or false), "metadata" (an object of strings) and "idempotency_key".
+    /// Blank lines are skipped; an unknown field is an error naming its line.
+    ///
+    /// RPC: AuditService.RecordBatch
+    RecordBatch {
+        /// The JSON Lines file, or - for standard input.
+        #[arg(long)]
+        file: PathBuf,
+    },
     /// List stored events in seq order.
+    ///
+    /// RPC: AuditService.List
     List {
         /// Only events at or after this time (RFC 3339).
         #[arg(long)]
@@ -64,6 +86,8 @@ pub enum AuditCommand {
         all: bool,
     },
     /// Verify the hash chain; exits 1 when it is broken.
+    ///
+    /// RPC: AuditService.VerifyChain
     Verify {
         /// First seq (default: 1).
         #[arg(long, default_value = "0")]
@@ -91,22 +115,20 @@ pub(super) async fn run(client: &ClientArgs, command: AuditCommand) -> Result<u8
             metadata,
             idempotency_key,
         } => {
-            let event = pb::Event {
+            let line = EventLine {
                 event_type,
-                severity: severity.map_or(pb::Severity::Unspecified, Into::into).into(),
-                triggered_by,
                 reason,
-                success: failed.then_some(false),
+                severity,
+                triggered_by,
                 error,
-                mode_before: mode_before.map_or(pb::OperationMode::Unspecified, Into::into).into(),
-                mode_after: mode_after.map_or(pb::OperationMode::Unspecified, Into::into).into(),
                 bundle_id,
+                mode_before,
+                mode_after,
+                success: failed.then_some(false),
                 metadata: metadata.into_iter().collect(),
+                idempotency_key,
             };
-            let answer = audit
-                .record(pb::RecordRequest { event: Some(event), idempotency_key })
-                .await?
-                .into_inner();
+            let answer = audit.record(line.into_request()).await?.into_inner();
             match client.output {
                 Output::Json => print_json(&json!({
                     "seq": answer.seq, "hash": answer.hash, "duplicate": answer.duplicate,
@@ -118,6 +140,35 @@ pub(super) async fn run(client: &ClientArgs, command: AuditCommand) -> Result<u8
                     )
                 }
                 Output::Human => println!("recorded seq {} hash {}", answer.seq, answer.hash),
+            }
+            Ok(exit::OK)
+        }
+        AuditCommand::RecordBatch { file } => {
+            let records = read_batch(&file)?
+                .into_iter()
+                .map(|line| {
+                    let request = line.into_request();
+                    pb::BatchRecord {
+                        event: request.event,
+                        idempotency_key: request.idempotency_key,
+                    }
+                })
+                .collect();
+            let answer = audit.record_batch(pb::RecordBatchRequest { records }).await?.into_inner();
+            match client.output {
+                Output::Json => print_json(&Value::Array(
+                    answer
+                        .results
+                        .iter()
+                        .map(|r| json!({ "seq": r.seq, "hash": r.hash, "duplicate": r.duplicate }))
+                        .collect(),
+                )),
+                Output::Human => {
+                    for r in &answer.results {
+                        let what = if r.duplicate { "duplicate of" } else { "recorded" };
+                        println!("{what} seq {} hash {}", r.seq, r.hash);
+                    }
+                }
             }
             Ok(exit::OK)
         }
@@ -181,13 +232,86 @@ pub(super) async fn run(client: &ClientArgs, command: AuditCommand) -> Result<u8
     }
 }
 
+/// One event to record, as `record` takes it on the command line and `record-batch` per line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventLine {
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    severity: Option<SeverityArg>,
+    #[serde(default)]
+    triggered_by: String,
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    bundle_id: String,
+    #[serde(default)]
+    mode_before: Option<ModeArg>,
+    #[serde(default)]
+    mode_after: Option<ModeArg>,
+    #[serde(default)]
+    success: Option<bool>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    idempotency_key: String,
+}
+
+impl EventLine {
+    fn into_request(self) -> pb::RecordRequest {
+        let event = pb::Event {
+            event_type: self.event_type,
+            severity: self.severity.map_or(pb::Severity::Unspecified, Into::into).into(),
+            triggered_by: self.triggered_by,
+            reason: self.reason,
+            success: self.success,
+            error: self.error,
+            mode_before: self.mode_before.map_or(pb::OperationMode::Unspecified, Into::into).into(),
+            mode_after: self.mode_after.map_or(pb::OperationMode::Unspecified, Into::into).into(),
+            bundle_id: self.bundle_id,
+            metadata: self.metadata.into_iter().collect(),
+        };
+        pb::RecordRequest { event: Some(event), idempotency_key: self.idempotency_key }
+    }
+}
+
+/// Reads a JSON Lines batch from `path` (`-`: standard input).
+fn read_batch(path: &std::path::Path) -> Result<Vec<EventLine>, Failure> {
+    let usage = |message: String| Failure { code: exit::USAGE, message };
+    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(path)
+            .map_err(|e| usage(format!("--file {}: {e}", path.display())))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut lines = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line.map_err(|e| usage(format!("--file {}: {e}", path.display())))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let event = serde_json::from_str(&line)
+            .map_err(|e| usage(format!("--file {} line {}: {e}", path.display(), n + 1)))?;
+        lines.push(event);
+    }
+    if lines.is_empty() {
+        return Err(usage(format!("--file {}: no events", path.display())));
+    }
+    Ok(lines)
+}
+
 fn parse_meta(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("{text:?} is not key=value"))
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum SeverityArg {
     Info,
     Warning,
@@ -206,7 +330,8 @@ impl From<SeverityArg> for pb::Severity {
     }
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum ModeArg {
     Online,
     Offline,

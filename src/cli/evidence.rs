@@ -1,4 +1,4 @@
-//! `brain-ops evidence export|verify`.
+//! `brain-ops evidence export|verify|public-keys`.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -20,6 +20,8 @@ use crate::pb::evidence_service_client::EvidenceServiceClient;
 #[derive(Debug, Subcommand)]
 pub enum EvidenceCommand {
     /// Export a signed pack (streamed, any size) to a file.
+    ///
+    /// RPC: EvidenceService.ExportStream; with --unary, EvidenceService.Export
     Export {
         #[arg(long, value_enum)]
         scope: ScopeArg,
@@ -37,16 +39,31 @@ pub enum EvidenceCommand {
         /// Where to write the pack.
         #[arg(long)]
         out: PathBuf,
+        /// Take the pack in one message (Export) rather than streamed; packs larger than the
+        /// server's message limit are refused this way.
+        #[arg(long)]
+        unary: bool,
     },
     /// Verify a pack: offline with --public-key, else by the server (which also compares it
     /// with its ledger). Exits 0 when valid, 1 when not, with the problems listed.
+    ///
+    /// RPC: EvidenceService.VerifyStream; with --unary, EvidenceService.Verify; none offline
     Verify {
+        /// The pack file.
         pack: PathBuf,
         /// The signer's public key: the `.pub` file of `brain-ops keygen` (SPKI PEM), or the
-        /// base64 raw key that GetPublicKeys publishes.
+        /// base64 raw key that `evidence public-keys` prints.
         #[arg(long)]
         public_key: Option<PathBuf>,
+        /// Send the pack in one message (Verify) rather than streamed.
+        #[arg(long, conflicts_with = "public_key")]
+        unary: bool,
     },
+    /// The public keys that verify this server's packs (the signing key and retired ones). Save
+    /// one's base64 key to a file to verify offline with `verify --public-key`.
+    ///
+    /// RPC: EvidenceService.GetPublicKeys
+    PublicKeys,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -59,7 +76,15 @@ pub enum ScopeArg {
 pub(super) async fn run(client: &ClientArgs, command: EvidenceCommand) -> Result<u8, Failure> {
     let usage = |message: String| Failure { code: exit::USAGE, message };
     match command {
-        EvidenceCommand::Export { scope, from, to, as_of, exclude_executor_summary, out } => {
+        EvidenceCommand::Export {
+            scope,
+            from,
+            to,
+            as_of,
+            exclude_executor_summary,
+            out,
+            unary,
+        } => {
             let time = |flag: &str, v: &str| {
                 parse_time(v)
                     .map(micros_to_pb)
@@ -78,19 +103,32 @@ pub(super) async fn run(client: &ClientArgs, command: EvidenceCommand) -> Result
                 as_of_seq: as_of,
             };
             let (channel, bearer) = client.connect_with(true).await?;
-            let mut stream = EvidenceServiceClient::with_interceptor(channel, bearer)
-                .export_stream(request)
-                .await?
-                .into_inner();
+            let mut evidence = EvidenceServiceClient::with_interceptor(channel, bearer);
             let partial = out.with_extension("partial");
             let mut file = std::fs::File::create(&partial)
                 .map_err(|e| usage(format!("--out {}: {e}", out.display())))?;
+            let mut write = |data: &[u8]| {
+                file.write_all(data).map_err(|e| usage(format!("--out {}: {e}", out.display())))
+            };
             let mut bytes = 0;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk?;
-                bytes += chunk.data.len();
-                file.write_all(&chunk.data)
-                    .map_err(|e| usage(format!("--out {}: {e}", out.display())))?;
+            if unary {
+                let request = pb::ExportRequest {
+                    from: request.from,
+                    to: request.to,
+                    scope: request.scope,
+                    exclude_executor_summary,
+                    as_of_seq: as_of,
+                };
+                let pack = evidence.export(request).await?.into_inner().pack_json;
+                bytes = pack.len();
+                write(pack.as_bytes())?;
+            } else {
+                let mut stream = evidence.export_stream(request).await?.into_inner();
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk?;
+                    bytes += chunk.data.len();
+                    write(&chunk.data)?;
+                }
             }
             file.sync_all().map_err(|e| usage(e.to_string()))?;
             std::fs::rename(&partial, &out).map_err(|e| usage(e.to_string()))?;
@@ -109,7 +147,38 @@ pub(super) async fn run(client: &ClientArgs, command: EvidenceCommand) -> Result
             }
             Ok(exit::OK)
         }
-        EvidenceCommand::Verify { pack: path, public_key } => {
+        EvidenceCommand::PublicKeys => {
+            let (channel, bearer) = client.connect().await?;
+            let keys = EvidenceServiceClient::with_interceptor(channel, bearer)
+                .get_public_keys(pb::GetPublicKeysRequest {})
+                .await?
+                .into_inner()
+                .keys;
+            match client.output {
+                Output::Json => print_json(&serde_json::Value::Array(
+                    keys.iter()
+                        .map(|k| {
+                            json!({
+                                "key_id": k.key_id, "algorithm": k.algorithm,
+                                "public_key": k.public_key, "retired": k.retired,
+                            })
+                        })
+                        .collect(),
+                )),
+                Output::Human => {
+                    println!("{:<16}  {:<8}  {:<7}  PUBLIC KEY (base64)", "KEY ID", "ALG", "STATE");
+                    for k in &keys {
+                        let state = if k.retired { "retired" } else { "signing" };
+                        println!(
+                            "{:<16}  {:<8}  {state:<7}  {}",
+                            k.key_id, k.algorithm, k.public_key
+                        );
+                    }
+                }
+            }
+            Ok(exit::OK)
+        }
+        EvidenceCommand::Verify { pack: path, public_key, unary } => {
             let opened = |path: &std::path::Path| {
                 std::fs::File::open(path).map_err(|e| usage(format!("{}: {e}", path.display())))
             };
@@ -140,14 +209,28 @@ pub(super) async fn run(client: &ClientArgs, command: EvidenceCommand) -> Result
                         .read_to_end(&mut file)
                         .map_err(|e| usage(format!("{}: {e}", path.display())))?;
                     let (channel, bearer) = client.connect_with(true).await?;
-                    let chunks: Vec<pb::VerifyStreamRequest> = file
-                        .chunks(1 << 20)
-                        .map(|c| pb::VerifyStreamRequest { data: c.to_vec() })
-                        .collect();
-                    let v = EvidenceServiceClient::with_interceptor(channel, bearer)
-                        .verify_stream(tokio_stream::iter(chunks))
-                        .await?
-                        .into_inner();
+                    let mut evidence = EvidenceServiceClient::with_interceptor(channel, bearer);
+                    let v = if unary {
+                        let pack_json = String::from_utf8(file)
+                            .map_err(|_| usage(format!("{}: not UTF-8", path.display())))?;
+                        let v =
+                            evidence.verify(pb::VerifyRequest { pack_json }).await?.into_inner();
+                        pb::VerifyStreamResponse {
+                            valid: v.valid,
+                            hash_valid: v.hash_valid,
+                            chain_valid: v.chain_valid,
+                            signature_valid: v.signature_valid,
+                            matches_log: v.matches_log,
+                            computed_hash: v.computed_hash,
+                            problems: v.problems,
+                        }
+                    } else {
+                        let chunks: Vec<pb::VerifyStreamRequest> = file
+                            .chunks(1 << 20)
+                            .map(|c| pb::VerifyStreamRequest { data: c.to_vec() })
+                            .collect();
+                        evidence.verify_stream(tokio_stream::iter(chunks)).await?.into_inner()
+                    };
                     (
                         v.valid,
                         json!({

@@ -11,6 +11,8 @@ use crate::pb::metrics_service_client::MetricsServiceClient;
 #[derive(Debug, Subcommand)]
 pub enum MetricsCommand {
     /// The operational picture: mode, switches, quarantines, failures, last success, safe mode.
+    ///
+    /// RPC: MetricsService.GetSummary
     Summary,
 }
 

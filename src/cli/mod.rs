@@ -14,7 +14,7 @@ mod token;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tonic::Status;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -98,6 +98,11 @@ pub enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: safe_mode::SafeModeCommand,
+    },
+    /// Print a shell completion script, e.g. `brain-ops completion bash > /etc/bash_completion.d/brain-ops`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -252,6 +257,18 @@ pub async fn run_client(command: Command) -> u8 {
         Command::Metrics { client, command } => metrics::run(&client, command).await,
         Command::Override { client, command } => overrides::run(&client, command).await,
         Command::Drill { client, command } => drill::run(&client, command).await,
+        Command::Completion { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "brain-ops", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), &script) {
+                // The reader stopped early (`| head`): nothing to report.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure {
+                    code: exit::NEGATIVE,
+                    message: format!("cannot write the completion script: {e}"),
+                }),
+                _ => Ok(exit::OK),
+            }
+        }
     };
     match result {
         Ok(code) => code,
@@ -260,6 +277,38 @@ pub async fn run_client(command: Command) -> u8 {
             failure.code
         }
     }
+}
+
+/// The command-line reference (docs/CLI.md): every command's `--help`, rendered by clap from
+/// the definitions above, so the document cannot drift from the binary.
+pub fn reference() -> String {
+    let mut root = Cli::command();
+    root.build();
+    let mut out = String::from(
+        "# brain-ops command-line reference\n\n\
+         Generated from the command definitions (`src/cli/`) by the test `cli::reference_is_current`;\n\
+         regenerate with `UPDATE_DOCS=1 cargo test --test it reference_is_current`.\n\
+         Each client command names the RPC it calls.\n",
+    );
+    fn walk(command: &mut clap::Command, depth: usize, out: &mut String) {
+        let name = command.get_bin_name().unwrap_or(command.get_name()).to_owned();
+        // The values in the environment that renders it are not part of the reference.
+        let ids: Vec<_> = command.get_arguments().map(|a| a.get_id().clone()).collect();
+        for id in ids {
+            *command = std::mem::take(command).mut_arg(id, |a| a.hide_env_values(true));
+        }
+        let help = command.render_long_help().to_string();
+        let help: Vec<&str> = help.trim_end().lines().map(str::trim_end).collect();
+        let heading = "#".repeat(depth + 1);
+        out.push_str(&format!("\n{heading} `{name}`\n\n```text\n{}\n```\n", help.join("\n")));
+        for sub in command.get_subcommands_mut() {
+            if sub.get_name() != "help" && !sub.is_hide_set() {
+                walk(sub, depth + 1, out);
+            }
+        }
+    }
+    walk(&mut root, 1, &mut out);
+    out
 }
 
 /// Prints a value as pretty JSON.

@@ -11,6 +11,8 @@ use crate::pb::override_service_client::OverrideServiceClient;
 #[derive(Debug, Subcommand)]
 pub enum OverrideCommand {
     /// Grant a single-use, time-bound override (operator role). The token is printed once.
+    ///
+    /// RPC: OverrideService.Grant
     Grant {
         /// Why (at least 10 characters; recorded).
         #[arg(long)]
@@ -23,6 +25,8 @@ pub enum OverrideCommand {
         scope: String,
     },
     /// Consume an override (service or operator role); a second use is refused and recorded.
+    ///
+    /// RPC: OverrideService.Consume
     Consume {
         /// The token `grant` printed.
         #[arg(long, env = "BRAIN_OVERRIDE_TOKEN", hide_env_values = true)]
@@ -32,6 +36,8 @@ pub enum OverrideCommand {
         purpose: String,
     },
     /// Revoke an override that has not been used yet (operator role).
+    ///
+    /// RPC: OverrideService.Revoke
     Revoke {
         /// The override id (ovr-…).
         #[arg(long)]
@@ -41,6 +47,8 @@ pub enum OverrideCommand {
         reason: String,
     },
     /// List overrides that can still be consumed (operator role).
+    ///
+    /// RPC: OverrideService.List
     List {
         /// Include consumed, revoked and expired ones.
         #[arg(long)]

@@ -14,20 +14,28 @@ use crate::pb::safe_mode_service_client::SafeModeServiceClient;
 #[derive(Debug, Subcommand)]
 pub enum SafeModeCommand {
     /// Show the current status.
+    ///
+    /// RPC: SafeModeService.GetStatus
     Status,
     /// Freeze: block every execution, deployment and bundle load.
+    ///
+    /// RPC: SafeModeService.Enable
     Enable {
         /// Why (required; it is recorded and shown to everyone who is blocked).
         #[arg(long)]
         reason: String,
     },
     /// Lift the freeze (operator role).
+    ///
+    /// RPC: SafeModeService.Disable
     Disable {
         /// Why it is safe now (required; recorded).
         #[arg(long)]
         reason: String,
     },
     /// Ask whether an operation may run now; exits 0 when allowed, 1 when blocked.
+    ///
+    /// RPC: SafeModeService.CheckOperation
     Check {
         #[arg(long, value_enum)]
         kind: Kind,
@@ -37,6 +45,8 @@ pub enum SafeModeCommand {
     },
     /// Print the status, then every change; exits 3 when no message (change or heartbeat)
     /// arrives within the staleness budget, as a sibling must then treat safe mode as on.
+    ///
+    /// RPC: SafeModeService.Watch
     Watch {
         #[arg(long, default_value = "30")]
         stale_after_seconds: u64,

@@ -282,9 +282,52 @@ async fn evidence_export_and_verify_work_offline_and_through_the_server() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("ep-"), "{stdout}");
 
-    let key = crate::helpers::public_keys(app.channel.clone()).await.remove(0);
+    // The same pack in one message (Export) rather than streamed.
+    let unary = dir.path().join("unary.json");
+    let unary_arg = unary.to_str().expect("utf8");
+    let (code, _, stderr) = run(
+        &server,
+        &[
+            "evidence",
+            "export",
+            "--scope",
+            "audit",
+            "--from",
+            "2020-01-01T00:00:00Z",
+            "--to",
+            "2100-01-01T00:00:00Z",
+            "--unary",
+            "--out",
+            unary_arg,
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let hash_of = |path: &std::path::Path| {
+        let pack: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).expect("reads")).expect("JSON");
+        (pack["content_hash"].clone(), pack["pack"]["events_included"].as_u64())
+    };
+    assert_eq!(hash_of(&unary), hash_of(&pack), "Export and ExportStream give the same pack");
+    assert_eq!(hash_of(&pack).1, Some(2));
+    let (code, stdout, _) =
+        run(&server, &["evidence", "verify", unary_arg, "--unary", "-o", "json"]).await;
+    assert_eq!(code, Some(0), "{stdout}");
+    let verdict: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(
+        (verdict["valid"].as_bool(), verdict["matches_log"].as_bool()),
+        (Some(true), Some(true))
+    );
+
+    let (code, stdout, stderr) = run(&server, &["evidence", "public-keys", "-o", "json"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let keys: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    let served = crate::helpers::public_keys(app.channel.clone()).await;
+    assert_eq!(keys.as_array().map(Vec::len), Some(served.len()));
+    assert_eq!(keys[0]["key_id"], served[0].key_id.as_str());
+    assert_eq!(keys[0]["retired"], false);
     let key_file = dir.path().join("service.key");
-    std::fs::write(&key_file, &key.public_key).expect("writes");
+    std::fs::write(&key_file, keys[0]["public_key"].as_str().expect("base64 key")).expect("writes");
     let key_arg = key_file.to_str().expect("utf8");
     let (code, stdout, _) =
         run("http://127.0.0.1:1", &["evidence", "verify", pack_arg, "--public-key", key_arg]).await;
@@ -351,4 +394,102 @@ async fn override_commands_grant_consume_list_and_revoke_with_documented_exit_co
     let (code, _, stderr) = run(&server, &[&grant[..], &["--reason", "short"]].concat()).await;
     assert_eq!(code, Some(4));
     assert!(stderr.contains("InvalidArgument: reason"), "{stderr}");
+}
+
+#[tokio::test]
+async fn audit_record_batch_appends_a_json_lines_file_all_or_nothing() {
+    let app = spawn_app().await;
+    let server = format!("http://{}", app.grpc_addr);
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let file = dir.path().join("batch.jsonl");
+    let lines = [
+        r#"{"type": "factory.step_failed", "reason": "timeout", "idempotency_key": "k1"}"#,
+        "",
+        r#"{"type": "sovereign.mode_changed", "mode_before": "online", "mode_after": "offline", "severity": "warning", "metadata": {"ticket": "42"}}"#,
+        r#"{"type": "factory.step_failed", "reason": "timeout", "idempotency_key": "k1"}"#,
+    ];
+    std::fs::write(&file, lines.join("\n")).expect("writes");
+    let file_arg = file.to_str().expect("utf8");
+    let (code, stdout, stderr) =
+        run(&server, &["audit", "record-batch", "--file", file_arg, "-o", "json"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let results: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    let seqs: Vec<_> = results
+        .as_array()
+        .expect("one result per event")
+        .iter()
+        .map(|r| (r["seq"].as_u64(), r["duplicate"].as_bool()))
+        .collect();
+    assert_eq!(seqs, [(Some(1), Some(false)), (Some(2), Some(false)), (Some(1), Some(true))]);
+    let stored = app.list_all().await;
+    assert_eq!(stored.len(), 2);
+    let changed = crate::helpers::record_of(&stored[1]);
+    assert_eq!(
+        (changed["mode_after"].as_str(), changed["metadata"]["ticket"].as_str()),
+        (Some("offline"), Some("42"))
+    );
+
+    // A bad line fails the whole file before anything is sent, naming the line.
+    std::fs::write(&file, format!("{}\n{{\"type\": \"x.y\", \"sevrity\": \"info\"}}", lines[0]))
+        .expect("writes");
+    let (code, _, stderr) = run(&server, &["audit", "record-batch", "--file", file_arg]).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("line 2") && stderr.contains("sevrity"), "{stderr}");
+    // A record the server refuses (no type) fails the batch with nothing appended.
+    std::fs::write(&file, format!("{}\n{{\"type\": \"\"}}", lines[2])).expect("writes");
+    let (code, _, stderr) = run(&server, &["audit", "record-batch", "--file", file_arg]).await;
+    assert_eq!(code, Some(4), "{stderr}");
+    assert_eq!(app.list_all().await.len(), 2, "all or nothing");
+}
+
+#[tokio::test]
+async fn completion_prints_a_script_for_every_shell() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let (code, stdout, stderr) = run("unused", &["completion", shell]).await;
+        assert_eq!(code, Some(0), "{shell}: {stderr}");
+        assert!(stdout.contains("record-batch") && stdout.contains("public-keys"), "{shell}");
+    }
+    let (code, _, _) = run("unused", &["completion", "tcsh"]).await;
+    assert_eq!(code, Some(2));
+}
+
+/// Every RPC of every brain-ops service is named by the client command that calls it, in the
+/// reference generated from the command definitions.
+#[test]
+fn every_rpc_is_reachable_from_a_cli_command() {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(brain_ops::pb::FILE_DESCRIPTOR_SET)
+        .expect("the descriptor set decodes");
+    let reference = brain_ops::cli::reference();
+    let named = |rpc: &str| {
+        reference.match_indices(rpc).any(|(at, _)| {
+            !reference[at + rpc.len()..].starts_with(|c: char| c.is_ascii_alphanumeric())
+        })
+    };
+    let mut rpcs = Vec::new();
+    for file in &set.file {
+        for service in &file.service {
+            for method in &service.method {
+                rpcs.push(format!("{}.{}", service.name(), method.name()));
+            }
+        }
+    }
+    assert!(rpcs.len() >= 19, "the five services' RPCs: {rpcs:?}");
+    let missing: Vec<_> = rpcs.iter().filter(|rpc| !named(rpc)).collect();
+    assert!(missing.is_empty(), "RPCs no CLI command calls: {missing:?}");
+}
+
+/// docs/CLI.md is what the command definitions render; `UPDATE_DOCS=1` rewrites it.
+#[test]
+fn reference_is_current() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/CLI.md");
+    let rendered = brain_ops::cli::reference();
+    if std::env::var_os("UPDATE_DOCS").is_some() {
+        std::fs::write(path, &rendered).expect("writes docs/CLI.md");
+    }
+    let committed = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        committed == rendered,
+        "docs/CLI.md is out of date: run `UPDATE_DOCS=1 cargo test --test it reference_is_current`"
+    );
 }
