@@ -213,17 +213,7 @@ pub(super) async fn run(client: &ClientArgs, command: EvidenceCommand) -> Result
                     let v = if unary {
                         let pack_json = String::from_utf8(file)
                             .map_err(|_| usage(format!("{}: not UTF-8", path.display())))?;
-                        let v =
-                            evidence.verify(pb::VerifyRequest { pack_json }).await?.into_inner();
-                        pb::VerifyStreamResponse {
-                            valid: v.valid,
-                            hash_valid: v.hash_valid,
-                            chain_valid: v.chain_valid,
-                            signature_valid: v.signature_valid,
-                            matches_log: v.matches_log,
-                            computed_hash: v.computed_hash,
-                            problems: v.problems,
-                        }
+                        evidence.verify(pb::VerifyRequest { pack_json }).await?.into_inner().into()
                     } else {
                         let chunks: Vec<pb::VerifyStreamRequest> = file
                             .chunks(1 << 20)

@@ -143,6 +143,21 @@ impl From<Listed> for pb::LedgerEvent {
     }
 }
 
+/// The streamed RPC's answer is the unary one's, field for field.
+impl From<pb::VerifyResponse> for pb::VerifyStreamResponse {
+    fn from(v: pb::VerifyResponse) -> pb::VerifyStreamResponse {
+        pb::VerifyStreamResponse {
+            valid: v.valid,
+            hash_valid: v.hash_valid,
+            chain_valid: v.chain_valid,
+            signature_valid: v.signature_valid,
+            matches_log: v.matches_log,
+            computed_hash: v.computed_hash,
+            problems: v.problems,
+        }
+    }
+}
+
 impl From<ChainReport> for pb::VerifyChainResponse {
     fn from(report: ChainReport) -> pb::VerifyChainResponse {
         pb::VerifyChainResponse {

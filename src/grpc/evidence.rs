@@ -252,16 +252,7 @@ impl pb::evidence_service_server::EvidenceService for EvidenceApi {
         }
         let file = String::from_utf8(file)
             .map_err(|_| Status::invalid_argument("the pack is not UTF-8 JSON"))?;
-        let v = self.verdict(file).await?;
-        Ok(Response::new(pb::VerifyStreamResponse {
-            valid: v.valid,
-            hash_valid: v.hash_valid,
-            chain_valid: v.chain_valid,
-            signature_valid: v.signature_valid,
-            matches_log: v.matches_log,
-            computed_hash: v.computed_hash,
-            problems: v.problems,
-        }))
+        Ok(Response::new(self.verdict(file).await?.into()))
     }
 
     async fn get_public_keys(

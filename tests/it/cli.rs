@@ -263,45 +263,16 @@ async fn evidence_export_and_verify_work_offline_and_through_the_server() {
     let dir = tempfile::TempDir::new().expect("temp dir");
     let pack = dir.path().join("pack.json");
     let pack_arg = pack.to_str().expect("utf8");
-    let (code, stdout, stderr) = run(
-        &server,
-        &[
-            "evidence",
-            "export",
-            "--scope",
-            "audit",
-            "--from",
-            "2020-01-01T00:00:00Z",
-            "--to",
-            "2100-01-01T00:00:00Z",
-            "--out",
-            pack_arg,
-        ],
-    )
-    .await;
+    let export = ["evidence", "export", "--scope", "audit", "--from", "2020-01-01T00:00:00Z"];
+    let export = [&export[..], &["--to", "2100-01-01T00:00:00Z", "--out"]].concat();
+    let (code, stdout, stderr) = run(&server, &[&export[..], &[pack_arg]].concat()).await;
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("ep-"), "{stdout}");
 
     // The same pack in one message (Export) rather than streamed.
     let unary = dir.path().join("unary.json");
     let unary_arg = unary.to_str().expect("utf8");
-    let (code, _, stderr) = run(
-        &server,
-        &[
-            "evidence",
-            "export",
-            "--scope",
-            "audit",
-            "--from",
-            "2020-01-01T00:00:00Z",
-            "--to",
-            "2100-01-01T00:00:00Z",
-            "--unary",
-            "--out",
-            unary_arg,
-        ],
-    )
-    .await;
+    let (code, _, stderr) = run(&server, &[&export[..], &[unary_arg, "--unary"]].concat()).await;
     assert_eq!(code, Some(0), "{stderr}");
     let hash_of = |path: &std::path::Path| {
         let pack: serde_json::Value =
