@@ -61,7 +61,8 @@ pub struct ServeArgs {
     /// sled's page cache in MiB.
     #[arg(long, env = "BRAIN_CACHE_MB", default_value = "64")]
     pub cache_mb: String,
-    /// Seconds between `Watch` heartbeats.
+    /// Seconds between `Watch` heartbeats, 1 to 15: at most half the siblings' 30-second
+    /// staleness budget, so that a sibling hears at least two in every budget.
     #[arg(long, env = "BRAIN_WATCH_HEARTBEAT_SECONDS", default_value = "5")]
     pub watch_heartbeat_seconds: String,
     /// Seconds between signed checkpoints while events arrive (one is also taken at shutdown).
@@ -200,7 +201,7 @@ impl TryFrom<ServeArgs> for Config {
         let watch_heartbeat = Duration::from_secs(parse_whole(
             "--watch-heartbeat-seconds / BRAIN_WATCH_HEARTBEAT_SECONDS",
             &args.watch_heartbeat_seconds,
-            1..=60,
+            1..=15,
         )?);
         let checkpoint_interval = Duration::from_secs(parse_whole(
             "--checkpoint-interval-seconds / BRAIN_CHECKPOINT_INTERVAL_SECONDS",

@@ -103,7 +103,16 @@ async fn run(addr: SocketAddr, token: String, budget: Duration, views: Arc<Mutex
                 let mut stream = stream.into_inner();
                 backoff = Duration::from_millis(100);
                 loop {
-                    match tokio::time::timeout_at(last_heard + budget, stream.next()).await {
+                    // Past the budget the view is stale; a fresh stream then still gets a budget
+                    // of its own to deliver its first message.
+                    let now = Instant::now();
+                    let until = if last_heard + budget <= now {
+                        set(View::Stale);
+                        now + budget
+                    } else {
+                        last_heard + budget
+                    };
+                    match tokio::time::timeout_at(until, stream.next()).await {
                         Ok(Some(Ok(message))) => {
                             last_heard = Instant::now();
                             if let Some(status) = message.status.filter(|_| !message.heartbeat) {

@@ -19,13 +19,15 @@ fn serve_with(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
 
 #[test]
 fn bad_settings_exit_64_naming_the_setting() {
-    let cases: [(&[(&str, &str)], &str); 6] = [
+    let cases: [(&[(&str, &str)], &str); 7] = [
         (&[("BRAIN_SAFE_MODE", "maybe")], "BRAIN_SAFE_MODE"),
         (&[("BRAIN_GRPC_ADDR", "localhost")], "BRAIN_GRPC_ADDR"),
         (&[("BRAIN_METRICS_ADDR", "300.1.1.1:80")], "BRAIN_METRICS_ADDR"),
         (&[("BRAIN_LOG_FORMAT", "xml")], "BRAIN_LOG_FORMAT"),
         (&[("BRAIN_GRPC_ADDR", "0.0.0.0:0")], "BRAIN_GRPC_ADDR"),
         (&[("BRAIN_DRAIN_TIMEOUT_SECONDS", "0")], "BRAIN_DRAIN_TIMEOUT_SECONDS"),
+        // Above half the siblings' staleness budget, they would go stale between heartbeats.
+        (&[("BRAIN_WATCH_HEARTBEAT_SECONDS", "16")], "BRAIN_WATCH_HEARTBEAT_SECONDS"),
     ];
     for (env, setting) in cases {
         let (code, stderr) = serve_with(env, &[]);
