@@ -39,8 +39,13 @@ async fn follow(server: String, seen: watch::Sender<Seen>) {
             Ok(endpoint) => {
                 if let Ok(channel) =
                     endpoint.connect_timeout(Duration::from_secs(5)).connect().await
-                    && let Ok(response) =
-                        SafeModeServiceClient::new(channel).watch(pb::WatchRequest {}).await
+                    // A server that accepts the connection but never answers must not hold the
+                    // follower here: the call gets the budget too.
+                    && let Ok(Ok(response)) = tokio::time::timeout(
+                        STALENESS_BUDGET,
+                        SafeModeServiceClient::new(channel).watch(pb::WatchRequest {}),
+                    )
+                    .await
                 {
                     backoff = Duration::from_millis(100);
                     let mut stream = response.into_inner();
