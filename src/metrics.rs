@@ -138,6 +138,9 @@ impl Metrics {
                 "Batches the storage failed to store (nothing in them was acknowledged)",
             )
             .build();
+        // Exported from the start at 0: `increase()` needs a sample before the first failure,
+        // or the alert on it could never see that failure.
+        append_failures.add(0, &[]);
         Ok(Metrics {
             clock,
             registry,

@@ -130,6 +130,25 @@ async fn assert_projections(app: &TestApp, success_secs: i64) {
     );
 }
 
+/// Every counter an alert takes `increase()` of is exported at 0 from the start: a series that
+/// first appears at its first failure gives `increase()` no earlier sample, so the alert would
+/// miss that failure.
+#[tokio::test]
+async fn counters_that_alerts_watch_are_exported_at_zero_on_a_fresh_server() {
+    let app = spawn_app().await;
+    let metrics = scrape(&app).await;
+    for name in [
+        "brain_ledger_append_failures_total",
+        "brain_safe_mode_violations_total",
+        "brain_override_violations_total",
+        "brain_integrity_violations_total",
+        "brain_permission_denied_total",
+        "brain_clock_regressions_total",
+    ] {
+        assert_eq!(value(&metrics, name), 0.0, "{name}");
+    }
+}
+
 #[tokio::test]
 async fn brain_mode_current_keeps_a_single_series_as_the_mode_moves() {
     use pb::OperationMode::{Online, Quarantine, Sovereign};
