@@ -29,7 +29,7 @@ HEARTBEAT_S = 1  # --watch-heartbeat-seconds for this run (the service's default
 # 30 s against the default 5 s heartbeat: six intervals. Scaled to this run's heartbeat.
 BUDGET_S = 6 * HEARTBEAT_S
 ONE_SHOT_DEADLINE_S = 2  # "CheckOperation with a deadline (2 seconds is plenty)"
-SLACK_S = 0.5  # scheduling allowance on timing bounds
+SLACK_S = 1.0  # scheduling allowance on timing bounds (a loaded 2-core machine)
 OPERATOR, SERVICE = "ops-oncall", "factory-executor"
 OK = grpc.StatusCode.OK
 failures = []
@@ -287,7 +287,7 @@ def safe_mode_flow(sm, safe, audit, au, op, svc):
         check("audit_seq names the system.safe_mode_execution_blocked event",
               rec.get("event_type") == "system.safe_mode_execution_blocked"
               and rec.get("source") == SERVICE and rec.get("success") is False, str(rec)[:200])
-    burst = [ask("deploy api v3") for _ in range(3)]
+    burst = [ask("deploy api v3") for _ in range(5)]
     check("blocked calls in the same second are aggregated (some audit_seq 0)",
           all(c == OK and not x.allowed for c, x in burst) and any(x.audit_seq == 0
                                                                   for _, x in burst))
@@ -297,8 +297,9 @@ def safe_mode_flow(sm, safe, audit, au, op, svc):
             event_type_prefix="system.safe_mode_execution_blocked", page_size=1000), op)
         return sum(int(json.loads(e.record_json)["metadata"]["count"]) for e in page.events
                    if '"operation":"deploy api v3"' in e.record_json) if code == OK else -1
-    check("every blocked call is counted in the ledger (counts add up to 3)",
-          wait_until(lambda: counted() == 3, 5, 0.2) is not None, f"counted {counted()}")
+    check(f"every blocked call is counted in the ledger (counts add up to {len(burst)})",
+          wait_until(lambda: counted() == len(burst), 5, 0.2) is not None,
+          f"counted {counted()}")
 
     code, r = call(safe.Enable, sm.EnableRequest(reason="again"), op)
     check("Enable again is idempotent (changed=false, same revision)",
@@ -351,7 +352,7 @@ def watch_flow(sm, sm_grpc, safe, op, svc, sibling, server, status):
     t = wait_until(lambda: sibling.messages, 5)
     first = sibling.messages[0] if sibling.messages else None
     check("Watch sends the current status first, at once",
-          t is not None and first[0] - sibling.call_started < HEARTBEAT_S / 2 and not first[1]
+          t is not None and first[0] - sibling.call_started < HEARTBEAT_S and not first[1]
           and (first[2], first[3]) == (status.enabled, status.revision) and status.revision > 0,
           str(first))
     check("the sibling may run while safe mode is off", sibling.may_run(), sibling.view())

@@ -62,7 +62,7 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAIN_CACHE_MB", default_value = "64")]
     pub cache_mb: String,
     /// Seconds between `Watch` heartbeats, 1 to 15: at most half the siblings' 30-second
-    /// staleness budget, so that a sibling hears at least two in every budget.
+    /// staleness budget, so that one lost or late heartbeat does not make them stale.
     #[arg(long, env = "BRAIN_WATCH_HEARTBEAT_SECONDS", default_value = "5")]
     pub watch_heartbeat_seconds: String,
     /// Seconds between signed checkpoints while events arrive (one is also taken at shutdown).

@@ -50,6 +50,7 @@ async fn serve(args: brain_ops::config::ServeArgs) -> u8 {
         }
     };
     telemetry::init(config.log_format);
+    let stop = shutdown_signal();
     let app = match App::build(config).await {
         Ok(app) => app,
         Err(e) => {
@@ -58,7 +59,7 @@ async fn serve(args: brain_ops::config::ServeArgs) -> u8 {
             return if e.is_config() { exit::CONFIG } else { exit::SOFTWARE };
         }
     };
-    match app.run_until_stopped(shutdown_signal()).await {
+    match app.run_until_stopped(stop).await {
         Ok(()) => exit::OK,
         Err(e) => {
             tracing::error!(error = %e, "brain-ops failed");
@@ -67,24 +68,31 @@ async fn serve(args: brain_ops::config::ServeArgs) -> u8 {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, before the
+/// ledger is verified, so a stop asked for during a long start-up is honoured as soon as the
+/// service runs (and is not lost: as PID 1 in a container, a signal without a handler is dropped).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (terminate, interrupt) {
+                (Ok(mut terminate), Ok(mut interrupt)) => {
+                    tokio::select! {
+                        _ = terminate.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

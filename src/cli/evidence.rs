@@ -104,33 +104,47 @@ pub(super) async fn run(client: &ClientArgs, command: EvidenceCommand) -> Result
             };
             let (channel, bearer) = client.connect_with(true).await?;
             let mut evidence = EvidenceServiceClient::with_interceptor(channel, bearer);
+            // The file is created once the server has accepted the export, and removed if the
+            // export fails part way: a refused or broken export leaves nothing behind.
             let partial = out.with_extension("partial");
-            let mut file = std::fs::File::create(&partial)
-                .map_err(|e| usage(format!("--out {}: {e}", out.display())))?;
-            let mut write = |data: &[u8]| {
-                file.write_all(data).map_err(|e| usage(format!("--out {}: {e}", out.display())))
-            };
-            let mut bytes = 0;
-            if unary {
-                let request = pb::ExportRequest {
-                    from: request.from,
-                    to: request.to,
-                    scope: request.scope,
-                    exclude_executor_summary,
-                    as_of_seq: as_of,
+            let write_error = |e: std::io::Error| usage(format!("--out {}: {e}", out.display()));
+            let create = || std::fs::File::create(&partial).map_err(write_error);
+            let written = async {
+                let mut bytes = 0;
+                let file = if unary {
+                    let request = pb::ExportRequest {
+                        from: request.from,
+                        to: request.to,
+                        scope: request.scope,
+                        exclude_executor_summary,
+                        as_of_seq: as_of,
+                    };
+                    let pack = evidence.export(request).await?.into_inner().pack_json;
+                    let mut file = create()?;
+                    file.write_all(pack.as_bytes()).map_err(write_error)?;
+                    bytes = pack.len();
+                    file
+                } else {
+                    let mut stream = evidence.export_stream(request).await?.into_inner();
+                    let mut file = create()?;
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = chunk?;
+                        bytes += chunk.data.len();
+                        file.write_all(&chunk.data).map_err(write_error)?;
+                    }
+                    file
                 };
-                let pack = evidence.export(request).await?.into_inner().pack_json;
-                bytes = pack.len();
-                write(pack.as_bytes())?;
-            } else {
-                let mut stream = evidence.export_stream(request).await?.into_inner();
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk?;
-                    bytes += chunk.data.len();
-                    write(&chunk.data)?;
-                }
+                file.sync_all().map_err(write_error)?;
+                Ok::<usize, Failure>(bytes)
             }
-            file.sync_all().map_err(|e| usage(e.to_string()))?;
+            .await;
+            let bytes = match written {
+                Ok(bytes) => bytes,
+                Err(failure) => {
+                    let _ = std::fs::remove_file(&partial);
+                    return Err(failure);
+                }
+            };
             std::fs::rename(&partial, &out).map_err(|e| usage(e.to_string()))?;
             let head = std::fs::read(&out).map_err(|e| usage(e.to_string()))?;
             let document: serde_json::Value = serde_json::from_slice(&head).unwrap_or_default();

@@ -269,6 +269,17 @@ async fn evidence_export_and_verify_work_offline_and_through_the_server() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("ep-"), "{stdout}");
 
+    // A refused export (the range is backwards) leaves no file behind, finished or partial.
+    let refused = dir.path().join("refused.json");
+    let backwards = ["evidence", "export", "--scope", "audit", "--from", "2100-01-01T00:00:00Z"];
+    let backwards = [&backwards[..], &["--to", "2020-01-01T00:00:00Z", "--out"]].concat();
+    for unary in [&[][..], &["--unary"][..]] {
+        let args = [&backwards[..], &[refused.to_str().expect("utf8")], unary].concat();
+        let (code, _, stderr) = run(&server, &args).await;
+        assert_eq!(code, Some(4), "{stderr}");
+        assert!(!refused.exists() && !refused.with_extension("partial").exists());
+    }
+
     // The same pack in one message (Export) rather than streamed.
     let unary = dir.path().join("unary.json");
     let unary_arg = unary.to_str().expect("utf8");
