@@ -288,7 +288,7 @@ pub fn reference() -> String {
         "# brain-ops command-line reference\n\n\
          Generated from the command definitions (`src/cli/`) by the test `cli::reference_is_current`;\n\
          regenerate with `UPDATE_DOCS=1 cargo test --test it reference_is_current`.\n\
-         Each client command names the RPC it calls.\n",
+         Each command that calls an RPC names it (`RPC:`); `drill` calls several.\n",
     );
     fn walk(command: &mut clap::Command, depth: usize, out: &mut String) {
         let name = command.get_bin_name().unwrap_or(command.get_name()).to_owned();
