@@ -289,6 +289,11 @@ def main():
                     {'brain_mode_current{mode="online"}': 0})
         prom.expect("fresh ledger: no success yet", "brain_last_success_timestamp", 0)
         prom.expect("fresh ledger: every counter is 0", '{__name__=~"brain_.+_total"} != 0', {})
+        # ... and that is not because they are missing: an alert's increase() needs the 0.
+        counters = {n for n in documented_metrics()[0] if n.endswith("_total")}
+        prom.expect("fresh ledger: every documented counter is exported",
+                    '{__name__=~"brain_.+_total"}',
+                    lambda got: {k.split("{")[0] for k in got} == counters)
 
         # 3. Traffic: sibling reports, an override, a freeze with refused calls, a thaw.
         for kind, op in [("execution", "run-1"), ("deployment", "deploy-1"),

@@ -213,7 +213,6 @@ def main():
     from brain.ops.v1 import audit_pb2 as au, audit_pb2_grpc as au_grpc
     from brain.ops.v1 import safe_mode_pb2 as sm, safe_mode_pb2_grpc as sm_grpc
     from brain.ops.v1 import types_pb2 as ty
-    check("stubs generated from proto/ and imported", hasattr(sm_grpc, "SafeModeServiceStub"))
 
     tokens = {OPERATOR: "op_" + secrets.token_hex(16), SERVICE: "svc_" + secrets.token_hex(16)}
     principals = os.path.join(work, "principals.toml")
